@@ -1,0 +1,1 @@
+"""Backends load and run models named by a spec string (see tdreward.specs)."""

@@ -1,0 +1,219 @@
+"""Score and sample with llama.cpp (llama-cpp-python) on a GGUF file, without dequantising.
+
+The transformers path (`tdreward.backends.hf`) dequantises GGUF weights to float32; this backend
+runs the quantised weights as llama.cpp does, which is what a deployed model computes. Specs:
+`llamacpp:PATH`, `llamacpp:embedded:NAME`, `gguf:PATH`, `embedded:NAME`, or a Path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from tdreward.backends.hf import check_gguf, resolve_gguf
+from tdreward.errors import TDRewardError
+from tdreward.specs import parse_spec
+
+# Rows of logits turned into log-probs at a time: a float64 copy of a whole 2048 x 262k
+# (Gemma) score matrix would take 4 GiB.
+_LOGSOFTMAX_ROWS = 256
+
+
+def _import_llama_cpp() -> Any:
+    """Import llama_cpp on first use, so the rest of tdreward works without it."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise TDRewardError(
+            "the llama.cpp backend needs llama-cpp-python: pip install 'tdreward[llamacpp]'"
+        ) from e
+    return llama_cpp
+
+
+def _resolve_path(path_or_spec: str | Path) -> Path:
+    """The GGUF file named by a Path, a llamacpp:/gguf:/embedded: spec or a plain file path."""
+    if isinstance(path_or_spec, Path):
+        return path_or_spec.expanduser()
+    spec = parse_spec(path_or_spec)
+    path = resolve_gguf(spec)
+    if path is not None:
+        return path
+    if spec.kind == "hf":  # no prefix: a plain path to a .gguf file
+        return Path(spec.target).expanduser()
+    raise TDRewardError(
+        f"{spec.raw!r} cannot run on llama.cpp; use llamacpp:PATH, gguf:PATH or embedded:NAME"
+    )
+
+
+def _gathered_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """log_softmax(logits)[i, targets[i]] for each row, in float64 and in row chunks."""
+    out = np.empty(len(targets), dtype=np.float64)
+    for start in range(0, len(targets), _LOGSOFTMAX_ROWS):
+        rows = logits[start : start + _LOGSOFTMAX_ROWS].astype(np.float64)
+        tgt = targets[start : start + _LOGSOFTMAX_ROWS]
+        peak = rows.max(axis=1, keepdims=True)
+        lse = np.log(np.exp(rows - peak).sum(axis=1)) + peak[:, 0]
+        out[start : start + len(tgt)] = rows[np.arange(len(tgt)), tgt] - lse
+    return out
+
+
+class LlamaCppModel:
+    """A GGUF model run by llama.cpp: per-token log-probs of a text, and generation."""
+
+    def __init__(
+        self,
+        path_or_spec: str | Path,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        """Load the model; raises TDRewardError on a missing, truncated or unloadable file."""
+        llama_cpp = _import_llama_cpp()
+        self.path = _resolve_path(path_or_spec)
+        # llama.cpp aborts the whole process on some malformed files, so validate first.
+        check_gguf(self.path)
+        self.n_ctx = n_ctx
+        self.seed = seed
+        kwargs: dict[str, Any] = {}
+        if n_threads is not None:
+            kwargs["n_threads"] = n_threads
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=str(self.path),
+                logits_all=True,  # scores for every position, not just the last one
+                n_ctx=n_ctx,
+                verbose=False,  # keeps llama.cpp's load log out of the terminal
+                seed=seed,
+                **kwargs,
+            )
+        except (ValueError, RuntimeError, OSError) as e:
+            raise TDRewardError(f"llama.cpp could not load {self.path}: {e}") from e
+        self._llama_cpp = llama_cpp
+        self.n_vocab: int = self._llm.n_vocab()
+
+    # --- scoring ------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        """Token ids of `text` (BOS added only if requested and the model's vocab uses one)."""
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False))
+
+    def token_logprobs(self, tokens: list[int]) -> np.ndarray:
+        """log p(tokens[i+1] | tokens[:i+1]) for i in 0..len-2, from one evaluation (float64)."""
+        tokens = [int(t) for t in tokens]
+        if len(tokens) > self.n_ctx:
+            raise TDRewardError(
+                f"{len(tokens)} tokens exceed the llama.cpp context of {self.n_ctx}; "
+                "raise n_ctx or score with the transformers backend (sliding windows)"
+            )
+        if len(tokens) < 2:
+            return np.zeros(0, dtype=np.float64)
+        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        if bad:  # an out-of-range id would fail (or abort) deep inside llama_decode
+            raise TDRewardError(f"token id {bad[0]} is outside the vocabulary of {self.n_vocab}")
+        self._llm.reset()
+        try:
+            self._llm.eval(tokens)
+        except RuntimeError as e:
+            raise TDRewardError(f"llama.cpp failed to evaluate {len(tokens)} tokens: {e}") from e
+        # Row i of `scores` holds the logits after tokens[:i+1], i.e. the prediction of i+1.
+        logits = self._llm.scores[: len(tokens) - 1]
+        return _gathered_logprobs(logits, np.asarray(tokens[1:], dtype=np.int64))
+
+    def text_logprobs(self, text: str) -> tuple[list[int], np.ndarray]:
+        """(token ids of `text` with BOS, log-prob of each token after the first)."""
+        tokens = self.tokenize(text)
+        return tokens, self.token_logprobs(tokens)
+
+    # --- generation ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        seed: int = 0,
+        top_p: float = 1.0,
+    ) -> list[dict]:
+        """Complete each raw-text prompt; greedy at temperature 0, else seeded sampling.
+
+        Returns one {"prompt", "text", "tokens", "logprobs"} per prompt; `logprobs` are the
+        model's (untempered) log-probs of the generated tokens, the same log-softmax of the
+        raw logits that llama-cpp-python's completion API reports, but in float64.
+        """
+        results = []
+        for i, prompt in enumerate(prompts):
+            # seed + i: reproducible for a given seed, yet repeated prompts get distinct samples.
+            results.append(
+                self._generate_one(prompt, max_new_tokens, temperature, (seed + i) & 0x7FFFFFFF,
+                                   top_p)
+            )
+        return results
+
+    def _generate_one(
+        self, prompt: str, max_new_tokens: int, temperature: float, seed: int, top_p: float
+    ) -> dict:
+        prompt_tokens = self.tokenize(prompt)
+        if not prompt_tokens:  # llama.cpp needs at least one token to predict from
+            bos = self._llm.token_bos()
+            prompt_tokens = [bos if bos >= 0 else self._llm.token_eos()]
+        budget = min(max_new_tokens, self.n_ctx - len(prompt_tokens))
+        if budget < 0:
+            raise TDRewardError(
+                f"the prompt has {len(prompt_tokens)} tokens, more than the context of "
+                f"{self.n_ctx}"
+            )
+        self._llm.set_seed(seed)
+        # A full reset every time: llama-cpp-python otherwise reuses the KV cache of a shared
+        # prefix, and sampling must not depend on what was generated before.
+        self._llm.reset()
+        generated: list[int] = []
+        if budget > 0:
+            stream = self._llm.generate(
+                prompt_tokens,
+                temp=temperature,
+                top_p=top_p,
+                top_k=0,  # 0 disables top-k: only top_p and temperature shape the sampling
+                min_p=0.0,
+                typical_p=1.0,
+                repeat_penalty=1.0,
+                reset=False,
+            )
+            for token in stream:
+                if self._llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token):
+                    break
+                generated.append(int(token))
+                if len(generated) >= budget:
+                    break
+            stream.close()
+        # Generated token j was predicted by score row len(prompt) - 1 + j (filled before
+        # sampling), so its log-prob needs no extra evaluation.
+        start = len(prompt_tokens) - 1
+        logits = self._llm.scores[start : start + len(generated)]
+        logprobs = _gathered_logprobs(logits, np.asarray(generated, dtype=np.int64))
+        text = self._llm.detokenize(generated, prev_tokens=prompt_tokens).decode(
+            "utf-8", errors="replace"
+        )
+        return {"prompt": prompt, "text": text, "tokens": generated, "logprobs": logprobs}
+
+    # --- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the llama.cpp model and context now rather than at garbage collection."""
+        llm = getattr(self, "_llm", None)
+        if llm is not None:
+            llm.close()
+            self._llm = None
+
+    def __enter__(self) -> LlamaCppModel:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,24 @@
+"""Data layer: corpora and prompt sets (imports nothing from tdreward but errors)."""
+
+from tdreward.data.corpus import (
+    SUPPORTED_SUFFIXES,
+    WIKITEXT_HEADING,
+    chunk_documents,
+    chunk_token_windows,
+    hub_reachable,
+    load_corpus,
+    split_wikitext_articles,
+)
+from tdreward.data.prompts import PromptExample, load_prompts
+
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "WIKITEXT_HEADING",
+    "PromptExample",
+    "chunk_documents",
+    "chunk_token_windows",
+    "hub_reachable",
+    "load_corpus",
+    "load_prompts",
+    "split_wikitext_articles",
+]

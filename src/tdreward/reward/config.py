@@ -1,0 +1,53 @@
+"""Every hyperparameter of the reward and its critic, in one dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RewardConfig:
+    # Immediate reward r_t = log p(x_{t+1}) - alpha * c_t + beta * H_t  (DESIGN §2.1)
+    alpha: float = 0.1  # weight of the retrospective-association penalty c_t
+    beta: float = 0.01  # weight of the exploration bonus (predictive entropy, nats)
+    gamma: float = 0.99  # TD discount
+    tau: float = 32.0  # decay (tokens) of the eligibility traces behind c_t
+    lam: float = 0.5  # mixture weight of the trace distribution in c_t
+    # State representation (DESIGN §2.2): a name in the belief registry
+    state: str = "belief"
+    n_belief_states: int = 2
+    belief_state_names: list[str] = field(default_factory=lambda: ["wait", "pre_transition"])
+    hazard: float = 0.05  # initial P(wait -> pre_transition) per token
+    csc_bins: int = 16  # bins of the complete-serial-compound clock
+    csc_threshold: float = 6.0  # surprisal (nats) of an observed token that resets the clock
+    # Critic heads (DESIGN §2.3)
+    proj_dim: int = 32
+    hidden_dim: int = 64
+    # TD(lambda) for learning the critic (DESIGN §2.4)
+    td_lambda: float = 0.9
+    # Positions per chunk when turning hidden states into log-probs: bounds memory to
+    # chunk x vocab floats instead of batch x length x vocab.
+    logit_chunk_elems: int = 1 << 23
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+        if not 0.0 <= self.lam < 1.0:
+            raise ValueError(f"lam must be in [0, 1), got {self.lam}")
+        if self.tau <= 0:
+            raise ValueError(f"tau must be positive, got {self.tau}")
+        if self.state == "belief" and len(self.belief_state_names) != self.n_belief_states:
+            self.belief_state_names = (
+                ["wait", "pre_transition"]
+                if self.n_belief_states == 2
+                else [f"state_{i}" for i in range(self.n_belief_states)]
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RewardConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})

@@ -1,0 +1,1 @@
+"""Workflows: what the CLI runs (score, train-critic, compare, ...), above the library."""

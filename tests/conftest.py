@@ -1,0 +1,55 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and tiny random models built on it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "wiki.test.dev.raw"
+EMBEDDED = "embedded:smollm2-135m-instruct"
+
+# Tests never reach a hub: everything comes from packages, the cache or tmp files.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2 (model, tokenizer), loaded once."""
+    from tdreward.backends.hf import load_model
+
+    return load_model(EMBEDDED)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(smollm2):
+    return smollm2[1]
+
+
+def make_tiny_lm(vocab_size: int, seed: int = 0, max_positions: int = 256):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tokenizer):
+    lm = make_tiny_lm(len(tokenizer))
+    lm.config.pad_token_id = tokenizer.pad_token_id
+    return lm
+
+
+@pytest.fixture(scope="session")
+def wikitext_text() -> str:
+    return WIKITEXT.read_text(encoding="utf-8")

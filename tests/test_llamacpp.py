@@ -1,0 +1,133 @@
+"""The llama.cpp backend agrees with transformers on the same GGUF model and token ids."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tdreward.backends.hf import load_model, resolve_gguf
+from tdreward.errors import TDRewardError
+from tdreward.specs import parse_spec
+
+pytest.importorskip("llama_cpp")
+from tdreward.backends.llamacpp import LlamaCppModel  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+SPEC = "embedded:smollm2-135m-instruct"
+WIKITEXT_DEV = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/wiki.test.dev.raw"
+N_TOKENS = 320
+
+
+def _article_bodies(raw: str) -> list[str]:
+    """WikiText articles start at a ` = Title = ` line (sections use ` = = ... = = `)."""
+    heading = re.compile(r"^ = [^=].* = $")
+    bodies: list[list[str]] = []
+    for line in raw.splitlines():
+        if heading.match(line):
+            bodies.append([])
+        elif bodies and line.strip():
+            bodies[-1].append(line.strip())
+    return [" ".join(b) for b in bodies if b]
+
+
+@pytest.fixture(scope="module")
+def llm() -> Iterator[LlamaCppModel]:
+    model = LlamaCppModel(SPEC, n_ctx=1024)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return load_model(SPEC)
+
+
+@pytest.fixture(scope="module")
+def wiki_ids(hf_model) -> list[int]:
+    """A few hundred token ids from the middle of a long real WikiText article."""
+    if not WIKITEXT_DEV.is_file():
+        pytest.skip(f"WikiText dev split not found at {WIKITEXT_DEV}")
+    _, tok = hf_model
+    bodies = [b for b in _article_bodies(WIKITEXT_DEV.read_text(encoding="utf-8"))
+              if len(b) > 8 * N_TOKENS]
+    body = bodies[len(bodies) // 2]
+    ids = tok(body, add_special_tokens=False)["input_ids"]  # tokenised once, shared by both
+    mid = len(ids) // 2
+    return ids[mid - N_TOKENS // 2 : mid + N_TOKENS // 2]
+
+
+def test_logprobs_match_transformers(llm: LlamaCppModel, hf_model, wiki_ids: list[int]) -> None:
+    model, _ = hf_model
+    with torch.no_grad():
+        logits = model(torch.tensor([wiki_ids])).logits[0, :-1].double()
+    hf_lp = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(wiki_ids[1:])[:, None])
+    hf_lp = hf_lp[:, 0].numpy()
+    cpp_lp = llm.token_logprobs(wiki_ids)
+
+    assert cpp_lp.shape == (len(wiki_ids) - 1,)
+    assert cpp_lp.dtype == np.float64
+    assert np.all(cpp_lp <= 0) and np.all(np.isfinite(cpp_lp))
+    corr = float(np.corrcoef(hf_lp, cpp_lp)[0, 1])
+    mad = float(np.abs(hf_lp - cpp_lp).mean())
+    print(f"\nllama.cpp vs transformers on {len(wiki_ids)} WikiText tokens: "
+          f"pearson={corr:.5f} mean|diff|={mad:.4f} nat")
+    assert corr >= 0.999
+    assert mad <= 0.1
+
+
+def test_text_logprobs_and_context_limit(llm: LlamaCppModel) -> None:
+    tokens, lp = llm.text_logprobs("The capital of France is Paris.")
+    assert len(lp) == len(tokens) - 1 > 0
+    np.testing.assert_allclose(llm.token_logprobs(tokens), lp)  # the reset makes it repeatable
+    with pytest.raises(TDRewardError, match="context"):
+        llm.token_logprobs([tokens[0]] * (llm.n_ctx + 1))
+
+
+def test_greedy_generation_is_deterministic(llm: LlamaCppModel) -> None:
+    prompts = ["The capital of France is", "Once upon a time"]
+    first = llm.generate(prompts, max_new_tokens=16)
+    second = llm.generate(prompts, max_new_tokens=16)
+    assert [r["tokens"] for r in first] == [r["tokens"] for r in second]
+    for r, prompt in zip(first, prompts, strict=True):
+        assert r["prompt"] == prompt
+        assert r["text"].strip()
+        assert 0 < len(r["tokens"]) <= 16
+        assert len(r["logprobs"]) == len(r["tokens"])
+        assert np.all(r["logprobs"] <= 0)
+    # Greedy tokens are the argmax, so their log-probs match re-scoring prompt + completion.
+    ptoks = llm.tokenize(prompts[1])
+    rescored = llm.token_logprobs(ptoks + first[1]["tokens"])[len(ptoks) - 1 :]
+    np.testing.assert_allclose(rescored, first[1]["logprobs"], atol=1e-3)
+
+
+def test_sampled_generation_repeats_with_seed(llm: LlamaCppModel) -> None:
+    kwargs = {"max_new_tokens": 24, "temperature": 1.0, "top_p": 0.95}
+    a = llm.generate(["In the beginning"], seed=7, **kwargs)
+    b = llm.generate(["In the beginning"], seed=7, **kwargs)
+    assert a[0]["tokens"] == b[0]["tokens"]
+    assert a[0]["text"] == b[0]["text"]
+
+
+def test_truncated_gguf_raises(tmp_path: Path) -> None:
+    real = resolve_gguf(parse_spec(SPEC))
+    bad = tmp_path / "truncated.gguf"
+    with real.open("rb") as f:
+        bad.write_bytes(f.read(1 << 20))
+    # Would abort the whole test process if the file reached llama.cpp unchecked.
+    with pytest.raises(TDRewardError, match="truncated or corrupt"):
+        LlamaCppModel(bad)
+    with pytest.raises(TDRewardError):
+        LlamaCppModel(f"llamacpp:{bad}")
+
+
+def test_missing_file_raises(tmp_path: Path) -> None:
+    with pytest.raises(TDRewardError, match="not found"):
+        LlamaCppModel(tmp_path / "missing.gguf")
+    with pytest.raises(TDRewardError, match="not found"):
+        LlamaCppModel(f"llamacpp:{tmp_path / 'missing.gguf'}")
