@@ -90,14 +90,20 @@ def test_beliefs_are_probability_vectors(rm):
 
 def test_td_error_identity(rm):
     ids = _ids(rm)
-    out = rm.score_batch(*rm.pad([ids]))
-    r, V, delta = out["r"][0], out["values"][0], out["delta"][0]
     n = len(ids) - 1
     gamma = rm.config.gamma
-    for t in range(n):
-        done_next = t + 1 == n  # the end of the text is terminal
-        expect = r[t] + gamma * V[t + 1] * (0.0 if done_next else 1.0) - V[t]
-        assert delta[t].item() == pytest.approx(expect.item(), abs=1e-5)
+    for terminal_at_end in (False, True):
+        out = rm.score_batch(*rm.pad([ids]), terminal_at_end=terminal_at_end)
+        r, V, delta = out["r"][0], out["values"][0], out["delta"][0]
+        for t in range(n):
+            # The text's end bootstraps unless it is declared terminal (or is an EOS).
+            done_next = terminal_at_end and t + 1 == n
+            expect = r[t] + gamma * V[t + 1] * (0.0 if done_next else 1.0) - V[t]
+            assert delta[t].item() == pytest.approx(expect.item(), abs=1e-5)
+    eos = rm.tokenizer.eos_token_id
+    out = rm.score_batch(*rm.pad([ids[:5] + [eos] + ids[5:]]))
+    r, V, delta = out["r"][0], out["values"][0], out["delta"][0]
+    assert delta[4].item() == pytest.approx((r[4] - V[4]).item(), abs=1e-5)  # EOS: terminal
     s = rm.score([ids])[0]
     assert s.summary["td_reward"] == pytest.approx(sum(s.delta) / n, abs=1e-5)
     assert s.summary["return"] == pytest.approx(

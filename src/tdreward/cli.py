@@ -68,7 +68,44 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(p, "--batch_size", type=int, default=8)
     _flag(p, "--max_length", type=int, help="context window (default: the model's)")
     p.add_argument("--stride", type=int, help="sliding-window stride for long texts")
+    _flag(p, "--terminal_at_end", action="store_true",
+          help="treat each text's end as the real end of its document (V = 0 after it); "
+          "by default only an EOS token is terminal and a text's end bootstraps from V")
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("train-critic", aliases=["train_critic"], parents=[common],
+                       help="learn the belief and value heads by TD(lambda) on a corpus")
+    _flag(p, "--base_model", default=DEFAULT_MODEL, help="reference LM spec (frozen)")
+    p.add_argument("--dataset", required=True, help="HF dataset name or local file/folder")
+    _flag(p, "--dataset_config", help="HF dataset config, e.g. wikitext-2-raw-v1")
+    p.add_argument("--split", default="train", help="HF dataset split (default train)")
+    _flag(p, "--max_tokens", type=int, help="read at most this many corpus tokens")
+    _flag(p, "--output_dir", required=True, help="where the reward model is written")
+    p.add_argument("--epochs", type=int, default=40)
+    _flag(p, "--batch_size", type=int, default=8, help="windows per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--alpha", type=float, default=0.1)
+    p.add_argument("--beta", type=float, default=0.01)
+    p.add_argument("--gamma", type=float, default=0.99)
+    _flag(p, "--td_lambda", type=float, default=0.9)
+    p.add_argument("--state", default="belief", help="belief, csc or hidden")
+    p.add_argument("--window", type=int, default=256, help="tokens per LM window")
+    p.add_argument("--patience", type=int, default=6, help="early-stopping patience")
+    p.add_argument("--seed", type=int, default=0)
+    _flag(p, "--doc_end_terminal", action="store_true",
+          help="treat each corpus document's end as terminal (default: only EOS is)")
+    p.set_defaults(func=cmd_train_critic)
+
+    p = sub.add_parser("neuro", parents=[common],
+                       help="simulate Qian et al. (2025): cue RPEs under contingency changes")
+    p.add_argument("--condition", nargs="+", default=["all"],
+                   help="conditioning, degradation, cued_reward, extinction or all")
+    p.add_argument("--model", nargs="+", default=["all"],
+                   help="belief, csc, csc_iti, cue_context or all")
+    p.add_argument("--trials", type=int, default=4000, help="trials per phase")
+    p.add_argument("--seeds", type=int, default=25)
+    _flag(p, "--output_dir", default="neuro_out")
+    p.set_defaults(func=cmd_neuro)
     return parser
 
 
@@ -131,7 +168,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     opts = wf.ScoreOptions(
         model=args.model, reward_model_path=args.reward_model_path, batch_size=args.batch_size,
         max_length=args.max_length, stride=args.stride, alpha=args.alpha, beta=args.beta,
-        gamma=args.gamma, state=args.state, verbose=args.verbose,
+        gamma=args.gamma, state=args.state, terminal_at_end=args.terminal_at_end,
+        verbose=args.verbose,
     )
     model = wf.load_reward_model(opts)
     start = time.perf_counter()
@@ -143,6 +181,40 @@ def cmd_score(args: argparse.Namespace) -> int:
     for kind, path in (("JSON", args.json), ("HTML", args.html), ("plot", args.plot)):
         if path:
             print(f"{kind}: {path}")
+    return 0
+
+
+def cmd_train_critic(args: argparse.Namespace) -> int:
+    from tdreward.workflows.train_critic import CriticTrainingConfig, train_critic
+
+    cfg = CriticTrainingConfig(
+        base_model=args.base_model, dataset=args.dataset, dataset_config=args.dataset_config,
+        split=args.split, max_tokens=args.max_tokens, output_dir=args.output_dir,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, alpha=args.alpha,
+        beta=args.beta, gamma=args.gamma, td_lambda=args.td_lambda, state=args.state,
+        seed=args.seed, window=args.window, patience=args.patience,
+        doc_end_terminal=args.doc_end_terminal,
+    )
+    m = train_critic(cfg)
+    v, u = m["validation"], m["untrained_validation"]
+    print(f"held-out TD error (mean square): {v['td_mse']:.3f} trained vs {u['td_mse']:.3f} "
+          f"untrained (ratio {m['td_mse_ratio_vs_untrained']:.2f}); explained variance of "
+          f"the lambda-returns {v['explained_variance']:.3f}; best epoch {m['best_epoch']}")
+    print(f"reward model: {args.output_dir} (metrics.json, learning_curve.png)")
+    return 0
+
+
+def cmd_neuro(args: argparse.Namespace) -> int:
+    from tdreward.neuro import run_neuro
+
+    res = run_neuro(args.condition, args.model, trials=args.trials, seeds=args.seeds,
+                    output_dir=args.output_dir, progress=True)
+    print("cue RPE at odour A (normalised to the end of conditioning), mean over seeds:")
+    for model in res["models"]:
+        row = ", ".join(f"{c} {res['results'][c][model]['cue_rpe_normalized']['mean']:.3f}"
+                        for c in res["conditions"])
+        print(f"  {model:12s} {row}")
+    print(f"results: {res['results_json']}\nfigure: {res['figure']}")
     return 0
 
 

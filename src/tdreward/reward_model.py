@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,13 +112,11 @@ class TDRewardModel:
         return model
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write critic.safetensors + config.json atomically (temporary dir, then rename)."""
+        """Write critic.safetensors + config.json into `path`, each file atomically (temporary
+        file, then rename; the config last, so a reader never sees new config + old weights)."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.critic.state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_NAME))
         meta = {
             "format": FORMAT,
             "tdreward_version": __version__,
@@ -131,15 +128,12 @@ class TDRewardModel:
             "training": self.training_info,
             "reward_config": self.config.to_dict(),
         }
-        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-        if path.exists():
-            old = path.with_name(path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        tmp = path / f".{WEIGHTS_NAME}.tmp"
+        save_file(state, str(tmp))
+        os.replace(tmp, path / WEIGHTS_NAME)
+        tmp = path / f".{CONFIG_NAME}.tmp"
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, path / CONFIG_NAME)
 
     # ----------------------------------------------------------------- scoring
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
@@ -163,8 +157,24 @@ class TDRewardModel:
                 self.config.logit_chunk_elems,
             )
 
-    def score_batch(self, input_ids, attention_mask, done=None, max_length=None, stride=None):
+    def terminal_states(self, input_ids, attention_mask, terminal_at_end: bool = False):
+        """done [B, T]: states after an EOS token, and each row's last state when
+        `terminal_at_end`. Otherwise a text's end is treated as a cut and bootstraps from V:
+        a text handed to us is rarely known to be the real end of its document."""
+        done = torch.zeros_like(input_ids, dtype=torch.bool)
+        eos = self.tokenizer.eos_token_id
+        if eos is not None:
+            done |= (input_ids == eos) & attention_mask.bool()
+        if terminal_at_end:
+            last = (attention_mask.sum(1) - 1).clamp(min=0)
+            done[torch.arange(len(last)), last] = True
+        return done
+
+    def score_batch(self, input_ids, attention_mask, done=None, max_length=None, stride=None,
+                    terminal_at_end: bool = False):
         """All per-token tensors for a padded batch: logp, c, H, r, values, states, delta."""
+        if done is None:
+            done = self.terminal_states(input_ids, attention_mask, terminal_at_end)
         feats = self.features(input_ids, attention_mask, done, max_length, stride)
         with torch.no_grad():
             out = self.critic(feats)
@@ -173,7 +183,7 @@ class TDRewardModel:
 
     def score(self, texts: str | Sequence[str] | Sequence[Sequence[int]], batch_size: int = 8,
               max_length: int | None = None, stride: int | None = None,
-              progress: bool = False) -> list[TextScore]:
+              progress: bool = False, terminal_at_end: bool = False) -> list[TextScore]:
         """Score texts (or token-id rows): per-token trace + summary for each."""
         if isinstance(texts, str):
             texts = [texts]
@@ -204,7 +214,8 @@ class TDRewardModel:
             it = tqdm(batches, desc="scoring", unit="batch")
         for batch in it:
             ids, mask = self.pad([rows[i] for i in batch])
-            out = self.score_batch(ids, mask, max_length=window, stride=stride)
+            out = self.score_batch(ids, mask, max_length=window, stride=stride,
+                                   terminal_at_end=terminal_at_end)
             for j, i in enumerate(batch):
                 results[i] = self._text_score(out, j, rows[i])
         return results

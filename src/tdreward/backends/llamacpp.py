@@ -7,12 +7,15 @@ runs the quantised weights as llama.cpp does, which is what a deployed model com
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
+from tdreward.backends.embedded import cache_dir
 from tdreward.backends.hf import check_gguf, resolve_gguf
 from tdreward.errors import TDRewardError
 from tdreward.specs import parse_spec
@@ -33,6 +36,13 @@ def _import_llama_cpp() -> Any:
     return llama_cpp
 
 
+def _usable_cpus() -> int:
+    """CPUs this process may run on (affinity/cgroup-aware where the OS says so)."""
+    if hasattr(os, "sched_getaffinity"):  # not on macOS or Windows
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _resolve_path(path_or_spec: str | Path) -> Path:
     """The GGUF file named by a Path, a llamacpp:/gguf:/embedded: spec or a plain file path."""
     if isinstance(path_or_spec, Path):
@@ -46,6 +56,36 @@ def _resolve_path(path_or_spec: str | Path) -> Path:
     raise TDRewardError(
         f"{spec.raw!r} cannot run on llama.cpp; use llamacpp:PATH, gguf:PATH or embedded:NAME"
     )
+
+
+def _check_gguf_once(path: Path) -> None:
+    """check_gguf, skipped for a file already found complete with the same size and mtime.
+
+    Parsing the metadata in Python takes seconds (longer than llama.cpp's own load), so a
+    passing check is remembered under $TDREWARD_CACHE; a file changed since fails the key.
+    """
+    try:
+        st = path.stat()
+    except OSError:
+        check_gguf(path)  # raises the one-line "not found" / "cannot read" error
+        return
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    record = cache_dir() / "llamacpp" / "checked.json"
+    try:
+        checked = json.loads(record.read_text())
+    except (OSError, ValueError):
+        checked = {}
+    if checked.get(key):
+        return
+    check_gguf(path)
+    checked[key] = True
+    try:  # best effort: an unwritable cache only costs the check next time
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(checked, indent=1))
+        os.replace(tmp, record)
+    except OSError:
+        pass
 
 
 def _gathered_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -74,12 +114,13 @@ class LlamaCppModel:
         llama_cpp = _import_llama_cpp()
         self.path = _resolve_path(path_or_spec)
         # llama.cpp aborts the whole process on some malformed files, so validate first.
-        check_gguf(self.path)
+        _check_gguf_once(self.path)
         self.n_ctx = n_ctx
         self.seed = seed
-        kwargs: dict[str, Any] = {}
-        if n_threads is not None:
-            kwargs["n_threads"] = n_threads
+        # llama-cpp-python defaults to half the CPUs for decoding but all of them for prompt
+        # batches; its spinning thread barrier then collapses (10x slower measured on 2 CPUs)
+        # as soon as any other process wants a core. Half the usable CPUs for both is robust.
+        threads = n_threads or max(1, _usable_cpus() // 2)
         try:
             self._llm = llama_cpp.Llama(
                 model_path=str(self.path),
@@ -87,18 +128,27 @@ class LlamaCppModel:
                 n_ctx=n_ctx,
                 verbose=False,  # keeps llama.cpp's load log out of the terminal
                 seed=seed,
-                **kwargs,
+                n_threads=threads,
+                n_threads_batch=threads,
             )
         except (ValueError, RuntimeError, OSError) as e:
             raise TDRewardError(f"llama.cpp could not load {self.path}: {e}") from e
         self._llama_cpp = llama_cpp
+        self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)  # for end-of-turn ids
         self.n_vocab: int = self._llm.n_vocab()
+
+    @property
+    def llm(self) -> Any:
+        """The underlying llama_cpp.Llama; a clear error once the model was closed."""
+        if self._llm is None:
+            raise TDRewardError(f"the llama.cpp model {self.path.name} was already closed")
+        return self._llm
 
     # --- scoring ------------------------------------------------------------------------------
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text` (BOS added only if requested and the model's vocab uses one)."""
-        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False))
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False))
 
     def token_logprobs(self, tokens: list[int]) -> np.ndarray:
         """log p(tokens[i+1] | tokens[:i+1]) for i in 0..len-2, from one evaluation (float64)."""
@@ -113,17 +163,18 @@ class LlamaCppModel:
         bad = [t for t in tokens if not 0 <= t < self.n_vocab]
         if bad:  # an out-of-range id would fail (or abort) deep inside llama_decode
             raise TDRewardError(f"token id {bad[0]} is outside the vocabulary of {self.n_vocab}")
-        self._llm.reset()
+        llm = self.llm
+        llm.reset()
         try:
-            self._llm.eval(tokens)
+            llm.eval(tokens)
         except RuntimeError as e:
             raise TDRewardError(f"llama.cpp failed to evaluate {len(tokens)} tokens: {e}") from e
         # Row i of `scores` holds the logits after tokens[:i+1], i.e. the prediction of i+1.
-        logits = self._llm.scores[: len(tokens) - 1]
+        logits = llm.scores[: len(tokens) - 1]
         return _gathered_logprobs(logits, np.asarray(tokens[1:], dtype=np.int64))
 
     def text_logprobs(self, text: str) -> tuple[list[int], np.ndarray]:
-        """(token ids of `text` with BOS, log-prob of each token after the first)."""
+        """(tokenize(text), log-prob of each of those tokens after the first)."""
         tokens = self.tokenize(text)
         return tokens, self.token_logprobs(tokens)
 
@@ -143,35 +194,40 @@ class LlamaCppModel:
         model's (untempered) log-probs of the generated tokens, the same log-softmax of the
         raw logits that llama-cpp-python's completion API reports, but in float64.
         """
+        if temperature < 0:
+            raise TDRewardError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise TDRewardError(f"top_p must be in (0, 1], got {top_p}")
         results = []
         for i, prompt in enumerate(prompts):
             # seed + i: reproducible for a given seed, yet repeated prompts get distinct samples.
             results.append(
-                self._generate_one(prompt, max_new_tokens, temperature, (seed + i) & 0x7FFFFFFF,
-                                   top_p)
+                self._generate_one(
+                    prompt, max_new_tokens, temperature, (seed + i) & 0x7FFFFFFF, top_p
+                )
             )
         return results
 
     def _generate_one(
         self, prompt: str, max_new_tokens: int, temperature: float, seed: int, top_p: float
     ) -> dict:
+        llm = self.llm
         prompt_tokens = self.tokenize(prompt)
         if not prompt_tokens:  # llama.cpp needs at least one token to predict from
-            bos = self._llm.token_bos()
-            prompt_tokens = [bos if bos >= 0 else self._llm.token_eos()]
+            bos = llm.token_bos()
+            prompt_tokens = [bos if bos >= 0 else llm.token_eos()]
         budget = min(max_new_tokens, self.n_ctx - len(prompt_tokens))
         if budget < 0:
             raise TDRewardError(
-                f"the prompt has {len(prompt_tokens)} tokens, more than the context of "
-                f"{self.n_ctx}"
+                f"the prompt has {len(prompt_tokens)} tokens, more than the context of {self.n_ctx}"
             )
-        self._llm.set_seed(seed)
+        llm.set_seed(seed)
         # A full reset every time: llama-cpp-python otherwise reuses the KV cache of a shared
         # prefix, and sampling must not depend on what was generated before.
-        self._llm.reset()
+        llm.reset()
         generated: list[int] = []
         if budget > 0:
-            stream = self._llm.generate(
+            stream = llm.generate(
                 prompt_tokens,
                 temp=temperature,
                 top_p=top_p,
@@ -182,7 +238,7 @@ class LlamaCppModel:
                 reset=False,
             )
             for token in stream:
-                if self._llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token):
+                if self._llama_cpp.llama_vocab_is_eog(self._vocab, token):
                     break
                 generated.append(int(token))
                 if len(generated) >= budget:
@@ -191,9 +247,9 @@ class LlamaCppModel:
         # Generated token j was predicted by score row len(prompt) - 1 + j (filled before
         # sampling), so its log-prob needs no extra evaluation.
         start = len(prompt_tokens) - 1
-        logits = self._llm.scores[start : start + len(generated)]
+        logits = llm.scores[start : start + len(generated)]
         logprobs = _gathered_logprobs(logits, np.asarray(generated, dtype=np.int64))
-        text = self._llm.detokenize(generated, prev_tokens=prompt_tokens).decode(
+        text = llm.detokenize(generated, prev_tokens=prompt_tokens).decode(
             "utf-8", errors="replace"
         )
         return {"prompt": prompt, "text": text, "tokens": generated, "logprobs": logprobs}
@@ -206,6 +262,15 @@ class LlamaCppModel:
         if llm is not None:
             llm.close()
             self._llm = None
+
+    def __del__(self) -> None:
+        # Freeing here, while the interpreter is still whole, avoids llama-cpp-python's own
+        # finaliser failing noisily at shutdown on a model that was never closed. A bare
+        # try (not contextlib.suppress): module globals may already be gone at shutdown.
+        try:  # noqa: SIM105
+            self.close()
+        except Exception:
+            pass
 
     def __enter__(self) -> LlamaCppModel:
         return self

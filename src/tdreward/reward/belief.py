@@ -35,6 +35,13 @@ def register_state(name: str):
     return wrap
 
 
+def filter_step(log_b: Tensor, log_T: Tensor, log_emit: Tensor) -> Tensor:
+    """One step of the log-space HMM filter: log b'(j) = log_softmax_j(logsumexp_i(
+    log b(i) + log T[i, j]) + log O_j). Shared with the Qian et al. simulation (tdreward.neuro)."""
+    pred = torch.logsumexp(log_b[..., :, None] + log_T, dim=-2)
+    return torch.log_softmax(pred + log_emit, dim=-1)
+
+
 def build_state_model(config: RewardConfig, obs_dim: int) -> BeliefStateModel:
     if config.state not in STATE_REGISTRY:
         raise ValueError(
@@ -91,8 +98,7 @@ class BeliefStateModel(nn.Module):
         log_b = torch.log_softmax(self.initial_logits, dim=-1).expand(obs.shape[0], -1)
         out = []
         for t in range(obs.shape[1]):
-            pred = torch.logsumexp(log_b[:, :, None] + log_T, dim=1)
-            post = torch.log_softmax(pred + log_emit[:, t], dim=-1)
+            post = filter_step(log_b, log_T, log_emit[:, t])
             # Padding leaves the belief where it was.
             log_b = torch.where(mask[:, t, None].bool(), post, log_b)
             out.append(log_b)

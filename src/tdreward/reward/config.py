@@ -28,7 +28,7 @@ class RewardConfig:
     td_lambda: float = 0.9
     # Positions per chunk when turning hidden states into log-probs: bounds memory to
     # chunk x vocab floats instead of batch x length x vocab.
-    logit_chunk_elems: int = 1 << 23
+    logit_chunk_elems: int = 1 << 25
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.gamma <= 1.0:

@@ -79,7 +79,7 @@ def extract_features(
     chunk_elems: int = 1 << 23,
 ) -> LMFeatures:
     """LMFeatures for a right-padded batch. `done` defaults to: the last token of every row is
-    the real end of its text (terminal). Rows longer than `max_length` use sliding windows."""
+    the real end of its document (terminal). Rows longer than `max_length` use sliding windows."""
     B, T = input_ids.shape
     window = max_length or context_length(lm)
     if done is None:

@@ -37,11 +37,14 @@ def logprob_and_entropy(
         logits = lm_head(h[i : i + step]).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        lse = torch.logsumexp(logits, dim=-1)
+        # One exp pass serves both: lse = m + log s and H = lse - sum(e * logits) / s.
+        m = logits.amax(dim=-1, keepdim=True)
+        e = torch.exp(logits - m)
+        z = e.sum(-1)
+        lse = m.squeeze(-1) + torch.log(z)
         tgt = y[i : i + step].clamp(0, logits.shape[-1] - 1)
         logp[i : i + step] = logits.gather(1, tgt[:, None]).squeeze(1) - lse
-        # H = lse - E_p[logit], with p = exp(logit - lse)
-        ent[i : i + step] = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+        ent[i : i + step] = lse - (e * logits).sum(-1) / z
     return logp.view(shape), ent.view(shape)
 
 

@@ -31,6 +31,7 @@ class ScoreOptions:
     beta: float | None = None
     gamma: float | None = None
     state: str | None = None
+    terminal_at_end: bool = False
     verbose: bool = False
 
 
@@ -63,7 +64,7 @@ def load_reward_model(opts: ScoreOptions) -> TDRewardModel:
 
 def score_texts(model: TDRewardModel, texts: list[str], opts: ScoreOptions) -> list[TextScore]:
     return model.score(texts, batch_size=opts.batch_size, max_length=opts.max_length,
-                       stride=opts.stride, progress=True)
+                       stride=opts.stride, progress=True, terminal_at_end=opts.terminal_at_end)
 
 
 def score_report(model: TDRewardModel, scores: list[TextScore]) -> dict:

@@ -1,0 +1,378 @@
+"""`tdreward train-critic`: learn the belief filter and value function by TD(lambda).
+
+One readable file, every hyperparameter in one dataclass (in the spirit of CleanRL).
+
+1. The corpus is tokenised and cut into windows; p0 is its unigram base rate.
+2. The frozen reference LM reads every window once; final hidden states (fp16), log p and
+   entropy are cached on disk, so head training never reruns the LM.
+3. The heads learn by TD(lambda): targets G^lambda from the current critic (stop-gradient),
+   loss mean (G^lambda - V)^2 in the critic's normalised units; a validation split of whole
+   documents, early stopping on its TD error, a checkpoint every epoch (resumable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tdreward import __version__
+from tdreward.errors import TDRewardError
+from tdreward.reward.config import RewardConfig
+from tdreward.reward.critic import LMFeatures
+from tdreward.reward.td import lambda_returns, td_errors
+from tdreward.reward.terms import immediate_reward
+from tdreward.reward_model import TDRewardModel
+from tdreward.workflows.io import atomic_path, write_json
+
+log = logging.getLogger("tdreward")
+
+
+@dataclass
+class CriticTrainingConfig:
+    base_model: str = "embedded:smollm2-135m-instruct"
+    dataset: str = ""
+    dataset_config: str | None = None
+    split: str = "train"
+    max_tokens: int | None = None  # stop reading the corpus after this many tokens
+    output_dir: str = "critic"
+    epochs: int = 40
+    batch_size: int = 8  # windows per step
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    alpha: float = 0.1
+    beta: float = 0.01
+    gamma: float = 0.99
+    td_lambda: float = 0.9
+    state: str = "belief"
+    seed: int = 0
+    window: int = 256  # tokens per window the LM reads
+    val_fraction: float = 0.1  # share of documents held out
+    patience: int = 6  # epochs without validation improvement before stopping
+    # A corpus document's end is where its text stops, not necessarily where the reader's
+    # episode ends: by default it bootstraps like a cut window and only EOS is terminal.
+    doc_end_terminal: bool = False
+    lm_batch_size: int = 8
+
+    def cache_key(self) -> dict:
+        """What the LM-feature cache depends on: reuse it only when all of these match."""
+        keys = ("base_model", "dataset", "dataset_config", "split", "max_tokens", "window")
+        return {k: getattr(self, k) for k in keys} | {"tdreward_version": __version__}
+
+
+# --------------------------------------------------------------------------- data + LM cache
+def _tokenise_corpus(rm: TDRewardModel, docs: list[str], max_tokens: int | None):
+    rows: list[list[int]] = []
+    total = 0
+    for doc in docs:
+        ids = rm.tokenizer(doc, add_special_tokens=True)["input_ids"]
+        if max_tokens is not None and total + len(ids) > max_tokens:
+            ids = ids[: max_tokens - total]
+        if len(ids) >= 2:
+            rows.append(ids)
+            total += len(ids)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    return rows, total
+
+
+def _windows(rows: list[list[int]], window: int):
+    """Non-overlapping windows: (doc index, token ids, ends its document?)."""
+    out = []
+    for d, ids in enumerate(rows):
+        for start in range(0, len(ids), window):
+            piece = ids[start : start + window]
+            if len(piece) >= 2:
+                out.append((d, piece, start + window >= len(ids)))
+    return out
+
+
+def build_feature_cache(cfg: CriticTrainingConfig, rm: TDRewardModel, docs: list[str],
+                        cache_dir: Path) -> dict[str, torch.Tensor]:
+    """Run the frozen LM over the corpus once; reuse the on-disk cache when it matches."""
+    meta_path, data_path = cache_dir / "meta.json", cache_dir / "features.safetensors"
+    if (meta_path.is_file() and data_path.is_file()
+            and json.loads(meta_path.read_text()).get("key") == cfg.cache_key()):
+        log.info("reusing the LM feature cache in %s", cache_dir)
+        return load_file(str(data_path))
+    rows, total = _tokenise_corpus(rm, docs, cfg.max_tokens)
+    if total < cfg.window:
+        raise TDRewardError(
+            f"corpus {cfg.dataset!r} has {total} tokens, fewer than one window ({cfg.window}); "
+            "give more text or a smaller --window"
+        )
+    wins = _windows(rows, cfg.window)
+    ids, mask = rm.pad([w[1] for w in wins])
+    done = torch.zeros_like(ids, dtype=torch.bool)
+    for i, (_, piece, ends_doc) in enumerate(wins):
+        done[i, len(piece) - 1] = ends_doc  # a window cut mid-document bootstraps
+    hidden, logp, ent = [], [], []
+    from tqdm.auto import tqdm
+
+    for a in tqdm(range(0, len(wins), cfg.lm_batch_size), desc="reference LM", unit="batch"):
+        b = slice(a, a + cfg.lm_batch_size)
+        f = rm.features(ids[b], mask[b], done[b], max_length=cfg.window)
+        hidden.append(f.hidden.half())
+        logp.append(f.logp)
+        ent.append(f.entropy)
+    data = {
+        "input_ids": ids, "mask": mask, "done": done, "hidden": torch.cat(hidden),
+        "logp": torch.cat(logp), "entropy": torch.cat(ent),
+        "doc": torch.tensor([w[0] for w in wins]),
+    }
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(data_path) as tmp:
+        save_file({k: v.contiguous() for k, v in data.items()}, str(tmp))
+    write_json(meta_path, {"key": cfg.cache_key(), "n_windows": len(wins), "n_tokens": total})
+    return data
+
+
+def _terminal_states(rm: TDRewardModel, data: dict, doc_end_terminal: bool) -> torch.Tensor:
+    """done: EOS tokens always; the cached document ends only when asked."""
+    done = data["done"] & doc_end_terminal
+    if rm.tokenizer.eos_token_id is not None:
+        done = done | ((data["input_ids"] == rm.tokenizer.eos_token_id) & data["mask"].bool())
+    return done
+
+
+def _feats(data: dict[str, torch.Tensor], idx: torch.Tensor) -> LMFeatures:
+    return LMFeatures(data["input_ids"][idx], data["mask"][idx], data["hidden"][idx].float(),
+                      data["logp"][idx], data["entropy"][idx], data["done"][idx])
+
+
+def _split(data: dict[str, torch.Tensor], val_fraction: float, seed: int):
+    """Hold out whole documents (never windows of a document seen in training)."""
+    docs = sorted(set(data["doc"].tolist()))
+    random.Random(seed).shuffle(docs)
+    n_val = max(1, round(len(docs) * val_fraction)) if len(docs) > 1 else 0
+    val_docs = set(docs[:n_val])
+    is_val = torch.tensor([d in val_docs for d in data["doc"].tolist()])
+    if n_val == 0:  # one document: hold out its last windows instead
+        is_val = torch.zeros(len(is_val), dtype=torch.bool)
+        is_val[-max(1, round(len(is_val) * val_fraction)) :] = True
+    train, val = torch.nonzero(~is_val).squeeze(1), torch.nonzero(is_val).squeeze(1)
+    if len(train) == 0:
+        raise TDRewardError("the corpus is too small to keep a validation split")
+    return train, val
+
+
+# --------------------------------------------------------------------------- TD(lambda)
+def _step_tensors(rm: TDRewardModel, feats: LMFeatures):
+    critic, cfg = rm.critic, rm.config
+    c = critic.association(feats)
+    r = immediate_reward(feats.logp, c, feats.entropy[:, :-1], cfg.alpha, cfg.beta)
+    values, _ = critic.values(feats, c)
+    rmask = feats.reward_mask.to(r.dtype)
+    G = lambda_returns(r, values, feats.done, rmask, cfg.gamma, cfg.td_lambda)
+    return r * rmask, values, G, rmask
+
+
+@torch.no_grad()
+def evaluate(rm: TDRewardModel, data: dict, idx: torch.Tensor, batch_size: int) -> dict:
+    """Mean squared TD error and explained variance of the lambda-returns on `idx`."""
+    sq, n, g_all, err_all = 0.0, 0, [], []
+    for a in range(0, len(idx), batch_size):
+        feats = _feats(data, idx[a : a + batch_size])
+        r, values, G, rmask = _step_tensors(rm, feats)
+        delta = td_errors(r, values, feats.done, rm.config.gamma) * rmask
+        sq += float((delta**2).sum())
+        n += int(rmask.sum())
+        m = rmask.bool()
+        g_all.append(G[m])
+        err_all.append((G - values[:, :-1])[m])
+    g, e = torch.cat(g_all), torch.cat(err_all)
+    return {"td_mse": sq / max(n, 1), "explained_variance": float(1 - e.var() / g.var()),
+            "n_tokens": n}
+
+
+def _init_value_scale(rm: TDRewardModel, data: dict, idx: torch.Tensor) -> None:
+    """V = offset + scale * head: start the offset at the value of an average stream of rewards
+    and the scale at the spread of one reward, so the head learns in units near 1."""
+    with torch.no_grad():
+        r, _, _, rmask = _step_tensors(rm, _feats(data, idx[:256]))
+        mean_r = float(r.sum() / rmask.sum())
+        std_r = float(((r - mean_r) ** 2 * rmask).sum() / rmask.sum()) ** 0.5
+    g = rm.config.gamma
+    rm.critic.value_offset.fill_(mean_r / (1 - g) if g < 1 else 0.0)
+    rm.critic.value_scale.fill_(max(std_r, 1e-3))
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _resume_settings(cfg: CriticTrainingConfig) -> dict:
+    """A checkpoint resumes only a run with these settings (epochs may grow)."""
+    d = dataclasses.asdict(cfg)
+    for k in ("epochs", "patience", "output_dir", "lm_batch_size"):
+        d.pop(k)
+    return d
+
+
+def _save_checkpoint(path: Path, cfg: CriticTrainingConfig, rm, opt, epoch: int, best: dict,
+                     history: list) -> None:
+    tensors = {f"critic.{k}": v.detach().contiguous() for k, v in rm.critic.state_dict().items()}
+    tensors |= {f"best.{k}": v.contiguous() for k, v in best["state"].items()}
+    opt_state = opt.state_dict()
+    for pid, st in opt_state["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).contiguous()
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path / "checkpoint.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    meta = {"settings": _resume_settings(cfg), "epoch": epoch, "best_epoch": best["epoch"], "best_val": best["val"],
+            "bad_epochs": best["bad"], "history": history,
+            "param_groups": opt_state["param_groups"]}
+    write_json(path / "checkpoint.json", meta)
+
+
+def _load_checkpoint(path: Path, rm, opt) -> tuple[int, dict, list]:
+    t = load_file(str(path / "checkpoint.safetensors"))
+    meta = json.loads((path / "checkpoint.json").read_text())
+    rm.critic.load_state_dict({k[7:]: v for k, v in t.items() if k.startswith("critic.")})
+    state: dict = {}
+    for k, v in t.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    best = {"epoch": meta["best_epoch"], "val": meta["best_val"], "bad": meta["bad_epochs"],
+            "state": {k[5:]: v for k, v in t.items() if k.startswith("best.")}}
+    return meta["epoch"], best, meta["history"]
+
+
+# --------------------------------------------------------------------------- main loop
+def train_critic(cfg: CriticTrainingConfig, rm: TDRewardModel | None = None,
+                 docs: list[str] | None = None, progress: bool = True) -> dict:
+    """Train and save a critic; returns the metrics written to metrics.json."""
+    from tdreward.data.corpus import load_corpus
+
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.output_dir)
+    reward_cfg = RewardConfig(alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma,
+                              td_lambda=cfg.td_lambda, state=cfg.state)
+    if rm is None:
+        rm = TDRewardModel.from_base(cfg.base_model, reward_cfg)
+    else:
+        rm = TDRewardModel.from_lm(rm.lm, rm.tokenizer, cfg.base_model, reward_cfg)
+    if docs is None:
+        docs = load_corpus(cfg.dataset, cfg.dataset_config, split=cfg.split)
+    data = build_feature_cache(cfg, rm, docs, out / "cache")
+    data["done"] = _terminal_states(rm, data, cfg.doc_end_terminal)
+    counts = torch.bincount(data["input_ids"][data["mask"].bool()],
+                            minlength=rm.critic.vocab_size)[: rm.critic.vocab_size]
+    rm.critic.set_base_rate(counts)
+    train_idx, val_idx = _split(data, cfg.val_fraction, cfg.seed)
+    _init_value_scale(rm, data, train_idx)
+    untrained = evaluate(_untrained_copy(rm), data, val_idx if len(val_idx) else train_idx,
+                         cfg.batch_size)
+    opt = torch.optim.AdamW([p for p in rm.critic.parameters() if p.requires_grad], lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    ckpt = out / "checkpoint"
+    start_epoch, history = 0, []
+    best = {"epoch": 0, "val": float("inf"), "bad": 0,
+            "state": {k: v.clone() for k, v in rm.critic.state_dict().items()}}
+    if (ckpt / "checkpoint.json").is_file():
+        saved = json.loads((ckpt / "checkpoint.json").read_text()).get("settings")
+        if saved == json.loads(json.dumps(_resume_settings(cfg))):
+            start_epoch, best, history = _load_checkpoint(ckpt, rm, opt)
+            log.info("resuming after epoch %d from %s", start_epoch, ckpt)
+        else:
+            log.warning("%s holds a checkpoint of other settings: starting over", ckpt)
+    from tqdm.auto import tqdm
+
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        if best["bad"] >= cfg.patience:
+            break
+        rm.critic.train()
+        g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # resumable shuffling
+        order = train_idx[torch.randperm(len(train_idx), generator=g)]
+        bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}",
+                   disable=not progress, leave=False)
+        loss_sum, n_batches = 0.0, 0
+        for a in bar:
+            feats = _feats(data, order[a : a + cfg.batch_size])
+            r, values, G, rmask = _step_tensors(rm, feats)
+            err = (G - values[:, :-1]) / rm.critic.value_scale
+            loss = (err**2 * rmask).sum() / rmask.sum()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(rm.critic.parameters(), 1.0)
+            opt.step()
+            loss_sum += float(loss.detach())
+            n_batches += 1
+            with torch.no_grad():
+                d = td_errors(r, values, feats.done, rm.config.gamma) * rmask
+                bar.set_postfix(td_mse=f"{float((d**2).sum() / rmask.sum()):.3f}")
+        rm.critic.eval()
+        tr = evaluate(rm, data, train_idx, cfg.batch_size)
+        va = evaluate(rm, data, val_idx, cfg.batch_size) if len(val_idx) else tr
+        history.append({"epoch": epoch, "loss": loss_sum / max(n_batches, 1),
+                        "train_td_mse": tr["td_mse"], "val_td_mse": va["td_mse"],
+                        "train_explained_variance": tr["explained_variance"],
+                        "val_explained_variance": va["explained_variance"]})
+        log.info("epoch %d: train TD mse %.3f, val TD mse %.3f, val EV %.3f", epoch,
+                 tr["td_mse"], va["td_mse"], va["explained_variance"])
+        if va["td_mse"] < best["val"] - 1e-6:
+            best = {"epoch": epoch, "val": va["td_mse"], "bad": 0,
+                    "state": {k: v.detach().clone() for k, v in rm.critic.state_dict().items()}}
+        else:
+            best["bad"] += 1
+        _save_checkpoint(ckpt, cfg, rm, opt, epoch, best, history)
+    rm.critic.load_state_dict(best["state"])
+    final = evaluate(rm, data, val_idx, cfg.batch_size) if len(val_idx) else {}
+    metrics = {
+        "config": dataclasses.asdict(cfg),
+        "n_windows": {"train": len(train_idx), "validation": len(val_idx)},
+        "untrained_validation": untrained,
+        "best_epoch": best["epoch"],
+        "validation": final,
+        "td_mse_ratio_vs_untrained": final.get("td_mse", math.nan) / untrained["td_mse"],
+        "epochs": history,
+    }
+    rm.trained = True
+    rm.training_info = {k: metrics[k] for k in ("best_epoch", "validation", "n_windows")} | {
+        "dataset": cfg.dataset, "max_tokens": cfg.max_tokens}
+    rm.save_pretrained(out)
+    write_json(out / "metrics.json", metrics)
+    plot_learning_curve(out / "learning_curve.png", history, untrained)
+    return metrics
+
+
+def _untrained_copy(rm: TDRewardModel) -> TDRewardModel:
+    """The same reward with an untrained critic (V = 0): the baseline the trained one must beat."""
+    fresh = TDRewardModel.from_lm(rm.lm, rm.tokenizer, rm.base_model, rm.config)
+    fresh.critic.log_p0.copy_(rm.critic.log_p0)
+    return fresh
+
+
+def plot_learning_curve(path: Path, history: list[dict], untrained: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    ep = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(ep, [h["train_td_mse"] for h in history], label="train")
+    a.plot(ep, [h["val_td_mse"] for h in history], label="validation")
+    a.axhline(untrained["td_mse"], color="grey", ls="--", label="untrained critic")
+    a.set(xlabel="epoch", ylabel="mean squared TD error", yscale="log")
+    a.legend()
+    b.plot(ep, [h["train_explained_variance"] for h in history], label="train")
+    b.plot(ep, [h["val_explained_variance"] for h in history], label="validation")
+    b.set(xlabel="epoch", ylabel="explained variance of G^lambda")
+    b.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+__all__ = ["CriticTrainingConfig", "train_critic", "evaluate", "build_feature_cache"]
