@@ -1,0 +1,100 @@
+"""`tdreward score`: the per-token TD trace and summary of texts."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from tdreward.commands import DEFAULT_MODEL, flag, reward_flags
+from tdreward.errors import TDRewardError
+
+ORDER = 10
+log = logging.getLogger("tdreward")
+
+
+def register(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("score", parents=[common], help="per-token TD trace of a text",
+                       description="Score texts with the TD reward: a per-token trace and a "
+                       "summary (td_reward, mean_r, return, perplexity, n_tokens).")
+    p.add_argument("text", nargs="*", help="text(s) to score")
+    flag(p, "--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL})")
+    p.add_argument("--file", action="append", default=[], help="score a file's text (repeatable)")
+    reward_flags(p)
+    p.add_argument("--state", help="state model of an untrained critic: belief, csc, hidden")
+    p.add_argument("--json", help="write the full per-token trace as JSON")
+    p.add_argument("--html", help="write an HTML dopamine trace")
+    p.add_argument("--plot", help="write a PNG of r, V, delta and the belief")
+    p.add_argument("--trace", action="store_true", help="print tokens coloured by delta")
+    flag(p, "--batch_size", type=int, default=8)
+    flag(p, "--max_length", type=int, help="context window (default: the model's)")
+    p.add_argument("--stride", type=int, help="sliding-window stride for long texts")
+    flag(p, "--terminal_at_end", action="store_true",
+         help="treat each text's end as the real end of its document (V = 0 after it); "
+         "by default only an EOS token is terminal and a text's end bootstraps from V")
+    p.set_defaults(func=run)
+
+
+def read_texts(args: argparse.Namespace) -> list[str]:
+    from tdreward.data.corpus import read_text_file
+
+    texts = list(args.text)
+    for f in args.file:
+        texts.append(read_text_file(Path(f)))
+    if not texts and not sys.stdin.isatty():
+        texts.append(sys.stdin.read())
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise TDRewardError("nothing to score: give TEXT, --file F, or pipe text on stdin")
+    return texts
+
+
+def run(args: argparse.Namespace) -> int:
+    from tdreward.workflows import score as wf
+
+    texts = read_texts(args)
+    opts = wf.ScoreOptions(
+        model=args.model, reward_model_path=args.reward_model_path, batch_size=args.batch_size,
+        max_length=args.max_length, stride=args.stride, alpha=args.alpha, beta=args.beta,
+        gamma=args.gamma, state=args.state, terminal_at_end=args.terminal_at_end,
+        verbose=args.verbose,
+    )
+    model = wf.load_reward_model(opts)
+    start = time.perf_counter()
+    scores = wf.score_texts(model, texts, opts)
+    n = sum(s.summary["n_tokens"] for s in scores)
+    log.info("scored %d tokens in %.2f s", n, time.perf_counter() - start)
+    wf.save_outputs(model, scores, args.json, args.html, args.plot)
+    print_scores(scores, args.trace)
+    for kind, path in (("JSON", args.json), ("HTML", args.html), ("plot", args.plot)):
+        if path:
+            print(f"{kind}: {path}")
+    return 0
+
+
+def print_scores(scores, show_trace: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console()
+    table = Table(title="TD reward")
+    for col in ("text", "td_reward", "mean_r", "return", "perplexity", "n_tokens"):
+        table.add_column(col, justify="right" if col != "text" else "left")
+    for i, s in enumerate(scores):
+        m = s.summary
+        table.add_row(str(i + 1), f"{m['td_reward']:.4f}", f"{m['mean_r']:.4f}",
+                      f"{m['return']:.3f}", f"{m['perplexity']:.2f}", str(m["n_tokens"]))
+    console.print(table)
+    if show_trace:
+        for i, s in enumerate(scores):
+            scale = max((abs(d) for d in s.delta), default=1.0) or 1.0
+            line = Text(f"{i + 1}: ")
+            for tok, d in zip(s.tokens, s.delta):
+                a = min(1.0, abs(d) / scale)
+                level = int(40 + 160 * a)
+                colour = f"rgb(0,{level},0)" if d >= 0 else f"rgb({level},0,0)"
+                line.append(tok, style=f"on {colour}")
+            console.print(line)
