@@ -145,8 +145,10 @@ def test_padded_batch_equals_one_by_one(rm):
     batched = rm.score(texts, batch_size=3)
     for text, b in zip(texts, batched):
         single = rm.score([text])[0]
+        # delta is a difference of values ~100x larger: float32 cancellation scales with |V|.
+        tol = 1e-4 + 2e-6 * max(abs(v) for v in single.V)
         for key in ("logp", "r", "V", "delta"):
-            assert getattr(b, key) == pytest.approx(getattr(single, key), rel=1e-5, abs=1e-4)
+            assert getattr(b, key) == pytest.approx(getattr(single, key), rel=1e-5, abs=tol)
 
 
 def test_sliding_windows_agree_with_single_pass_where_both_fit(rm, tokenizer):

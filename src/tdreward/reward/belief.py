@@ -144,6 +144,29 @@ class HiddenStateModel(BeliefStateModel):
         return obs.new_zeros(obs.shape[0], obs.shape[1], 0)
 
 
+def context_features(obs_scalars: Tensor, mask: Tensor, timescales: list[float]) -> Tensor:
+    """Causal exponential moving averages of the scalar observation features: [B, T, F * n].
+
+    Bias-corrected like Adam's moments, so the first positions hold the running mean instead of
+    a decay from zero; padding holds the last value. obs_scalars [B, T, F], mask [B, T].
+    """
+    B, T, F = obs_scalars.shape
+    if not timescales:
+        return obs_scalars.new_zeros(B, T, 0)
+    a = obs_scalars.new_tensor([1.0 - 1.0 / max(ts, 1.0) for ts in timescales])  # [n]
+    x = obs_scalars[..., None, :].expand(B, T, len(timescales), F)  # [B, T, n, F]
+    m = mask.to(obs_scalars.dtype)[..., None, None]
+    acc = obs_scalars.new_zeros(B, len(timescales), F)
+    norm = obs_scalars.new_zeros(B, len(timescales), 1)
+    out = []
+    for t in range(T):
+        keep = a[:, None] * m[:, t] + (1 - m[:, t])  # padding: no decay, no update
+        acc = keep * acc + (1 - a[:, None]) * m[:, t] * x[:, t]
+        norm = keep[..., :1] * norm + (1 - a[:, None]) * m[:, t]
+        out.append(acc / norm.clamp_min(1e-6))
+    return torch.stack(out, dim=1).reshape(B, T, -1)
+
+
 # Observation features are divided by these so they enter the networks near unit scale.
 FEATURE_SCALE = (10.0, 5.0, 10.0)
 

@@ -24,6 +24,12 @@ class RewardConfig:
     # Critic heads (DESIGN §2.3)
     proj_dim: int = 32
     hidden_dim: int = 64
+    # Slow context for V: causal moving averages of the observation features (surprisal,
+    # association, entropy) over these time scales in tokens. With gamma 0.99 a value is an
+    # average over ~100 future tokens: it depends on how predictable the text has been lately,
+    # which one token's hidden state does not say.
+    context_timescales: list[float] = field(default_factory=lambda: [10.0, 100.0, 1000.0])
+    value_uses_hidden: bool = True  # V also sees proj(h_t) (not only belief + context)
     # TD(lambda) for learning the critic (DESIGN §2.4)
     td_lambda: float = 0.9
     # Positions per chunk when turning hidden states into log-probs: bounds memory to
@@ -50,4 +56,6 @@ class RewardConfig:
     @classmethod
     def from_dict(cls, d: dict) -> RewardConfig:
         names = {f.name for f in dataclasses.fields(cls)}
+        d = dict(d)
+        d.setdefault("context_timescales", [])  # critics saved before slow context existed
         return cls(**{k: v for k, v in d.items() if k in names})

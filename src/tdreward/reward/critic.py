@@ -13,7 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tdreward.reward.belief import N_FEATURES, build_state_model, observation_features
+from tdreward.reward.belief import (
+    N_FEATURES,
+    build_state_model,
+    context_features,
+    observation_features,
+)
 from tdreward.reward.config import RewardConfig
 from tdreward.reward.td import td_errors
 from tdreward.reward.terms import immediate_reward, retrospective_association
@@ -56,7 +61,17 @@ class TDCritic(nn.Module):
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
         self.proj = nn.Linear(hidden_size, config.proj_dim)
         self.state_model = build_state_model(config, config.proj_dim + N_FEATURES)
-        self.value = ValueFunction(config.proj_dim + self.state_model.state_dim, config.hidden_dim)
+        self.context_dim = N_FEATURES * (1 + len(config.context_timescales))
+        # Standardisation of [scalars, slow context], set from a corpus by train-critic: the
+        # moving averages vary far less than one token's features.
+        self.register_buffer("context_mean", torch.zeros(self.context_dim))
+        self.register_buffer("context_std", torch.ones(self.context_dim))
+        value_in = self.state_model.state_dim + self.context_dim
+        if config.context_timescales and config.value_uses_hidden:
+            value_in += config.proj_dim
+        elif not config.context_timescales:  # the original layout: V = MLP([proj(h); b])
+            value_in = config.proj_dim + self.state_model.state_dim
+        self.value = ValueFunction(value_in, config.hidden_dim)
 
     @property
     def state_names(self) -> list[str]:
@@ -88,10 +103,21 @@ class TDCritic(nn.Module):
             "delta": delta * rmask,
         }
 
+    def context(self, scalars: Tensor, mask: Tensor) -> Tensor:
+        """[scalars, their moving averages]: [B, T, context_dim] before standardisation."""
+        slow = context_features(scalars, mask, self.config.context_timescales)
+        return torch.cat([scalars, slow], dim=-1)
+
     def values(self, feats: LMFeatures, c: Tensor) -> tuple[Tensor, Tensor]:
         """V(s_t) for every state, [B, T], and the states, [B, T, S]."""
+        cfg = self.config
         z = self.proj(self.norm(feats.hidden.float()))
-        obs = torch.cat([z, observation_features(feats.logp, c, feats.entropy)], dim=-1)
-        states = self.state_model(obs, feats.mask)
-        v = self.value(torch.cat([z, states], dim=-1))
+        scalars = observation_features(feats.logp, c, feats.entropy)
+        states = self.state_model(torch.cat([z, scalars], dim=-1), feats.mask)
+        if cfg.context_timescales:
+            ctx = (self.context(scalars, feats.mask) - self.context_mean) / self.context_std
+            parts = ([z] if cfg.value_uses_hidden else []) + [states, ctx]
+        else:
+            parts = [z, states]
+        v = self.value(torch.cat(parts, dim=-1))
         return self.value_offset + self.value_scale * v, states

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from tdreward import __version__
 from tdreward.errors import TDRewardError
+from tdreward.reward.belief import observation_features
 from tdreward.reward.config import RewardConfig
 from tdreward.reward.critic import LMFeatures
 from tdreward.reward.td import lambda_returns, td_errors
@@ -52,6 +53,9 @@ class CriticTrainingConfig:
     gamma: float = 0.99
     td_lambda: float = 0.9
     state: str = "belief"
+    context_timescales: list[float] = dataclasses.field(
+        default_factory=lambda: list(RewardConfig().context_timescales))
+    value_uses_hidden: bool = True
     seed: int = 0
     window: int = 256  # tokens per window the LM reads
     val_fraction: float = 0.1  # share of documents held out
@@ -196,8 +200,15 @@ def _init_value_scale(rm: TDRewardModel, data: dict, idx: torch.Tensor) -> None:
     """V = offset + scale * head: start the offset at the value of an average stream of rewards
     and the scale at the spread of one reward, so the head learns in units near 1."""
     with torch.no_grad():
-        r, _, _, rmask = _step_tensors(rm, _feats(data, idx[:256]))
+        feats = _feats(data, idx[:256])
+        r, _, _, rmask = _step_tensors(rm, feats)
         mean_r = float(r.sum() / rmask.sum())
+        if rm.config.context_timescales:
+            critic = rm.critic
+            scalars = observation_features(feats.logp, critic.association(feats), feats.entropy)
+            ctx = critic.context(scalars, feats.mask)[feats.mask.bool()]
+            critic.context_mean.copy_(ctx.mean(0))
+            critic.context_std.copy_(ctx.std(0).clamp_min(1e-4))
         std_r = float(((r - mean_r) ** 2 * rmask).sum() / rmask.sum()) ** 0.5
     g = rm.config.gamma
     rm.critic.value_offset.fill_(mean_r / (1 - g) if g < 1 else 0.0)
@@ -254,7 +265,9 @@ def train_critic(cfg: CriticTrainingConfig, rm: TDRewardModel | None = None,
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
     reward_cfg = RewardConfig(alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma,
-                              td_lambda=cfg.td_lambda, state=cfg.state)
+                              td_lambda=cfg.td_lambda, state=cfg.state,
+                              context_timescales=list(cfg.context_timescales),
+                              value_uses_hidden=cfg.value_uses_hidden)
     if rm is None:
         rm = TDRewardModel.from_base(cfg.base_model, reward_cfg)
     else:
