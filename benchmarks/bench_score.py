@@ -13,8 +13,8 @@ when present, else the model's own text generated from a fixed seed) it prints:
    original tool did; timed on every `--per_position_every`-th position of `--per_position_rows`
    rows (evenly spaced prefixes) and scaled to every position of the batch; goal >= 50x.
 3. the peak memory of scoring against a bare forward that also builds the full log_softmax,
-   each measured in a fresh subprocess as peak RSS above the RSS after loading; goal on Gemma
-   <= 0.6x.
+   each measured in a fresh subprocess as peak RSS (VmHWM, reset after loading so the load's
+   own transient peak is not counted) above the RSS after loading; goal on Gemma <= 0.6x.
 """
 
 from __future__ import annotations
@@ -58,21 +58,41 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def _peak_rss_mb() -> float:
+    """VmHWM: the peak resident set since the last reset_peak_rss()."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets VmHWM, so loading's transient peak (the model
+    materialised more than once) does not count as scoring memory."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def memory_probe(spec: str, mode: str, batch: int, length: int) -> None:
     """Child process: peak RSS above the post-load baseline for one scoring mode."""
+    import gc
+
     from tdreward import TDRewardModel
 
     rm = TDRewardModel.from_base(spec)
     ids = make_batch(rm.tokenizer, batch, length)
     mask = torch.ones_like(ids)
+    gc.collect()
     base = rss_mb()
+    reset_peak_rss()
     with torch.no_grad():
         if mode == "score":
             rm.score_batch(ids, mask)
         else:
             logits = rm.lm(input_ids=ids, attention_mask=mask).logits.float()
             torch.log_softmax(logits, dim=-1)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()
     print(json.dumps({"baseline_mb": base, "peak_mb": peak, "increment_mb": peak - base}))
 
 

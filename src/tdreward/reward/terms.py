@@ -34,17 +34,18 @@ def logprob_and_entropy(
     logp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
     ent = torch.empty_like(logp)
     for i in range(0, h.shape[0], step):
-        logits = lm_head(h[i : i + step]).float()
+        logits = lm_head(h[i : i + step]).float()  # a fresh tensor: safe to modify in place
         if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        # One exp pass serves both: lse = m + log s and H = lse - sum(e * logits) / s.
-        m = logits.amax(dim=-1, keepdim=True)
-        e = torch.exp(logits - m)
+            logits = torch.tanh_(logits.div_(softcap)).mul_(softcap)
+        # One exp pass serves both, on logits shifted in place by their max (l <= 0):
+        # log Z = log sum e^l, log p = l - log Z, H = log Z - sum(e^l * l) / Z.
+        logits.sub_(logits.amax(dim=-1, keepdim=True))
+        e = torch.exp(logits)
         z = e.sum(-1)
-        lse = m.squeeze(-1) + torch.log(z)
+        log_z = torch.log(z)
         tgt = y[i : i + step].clamp(0, logits.shape[-1] - 1)
-        logp[i : i + step] = logits.gather(1, tgt[:, None]).squeeze(1) - lse
-        ent[i : i + step] = lse - (e * logits).sum(-1) / z
+        logp[i : i + step] = logits.gather(1, tgt[:, None]).squeeze(1) - log_z
+        ent[i : i + step] = log_z - torch.linalg.vecdot(e, logits) / z
     return logp.view(shape), ent.view(shape)
 
 
