@@ -166,13 +166,23 @@ def main() -> None:
     ap.add_argument("--per_position_rows", type=int, default=1)
     ap.add_argument("--per_position_every", type=int, default=4)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--memory_only", action="store_true",
+                    help="only the memory comparison (timings need a quiet machine)")
     ap.add_argument("--_memory_probe", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._memory_probe:
         memory_probe(*args._memory_probe, args.batch, args.length)
         return
     results = []
-    for spec in args.models:
+    for spec in args.models if args.memory_only else []:
+        ms, mb = (measure_memory(spec, m, args.batch, args.length) for m in ("score", "bare"))
+        ratio = ms["increment_mb"] / mb["increment_mb"]
+        results.append({"model": spec, "peak_mb_score": ms, "peak_mb_bare_logsoftmax": mb,
+                        "memory_ratio_increment": ratio})
+        print(f"{spec}: batch {args.batch} x {args.length}: peak memory above the loaded model: "
+              f"scoring {ms['increment_mb']:.0f} MB, bare forward + log_softmax "
+              f"{mb['increment_mb']:.0f} MB   ratio {ratio:.2f} (goal on Gemma <= 0.6)")
+    for spec in [] if args.memory_only else args.models:
         r = bench(spec, args.batch, args.length, args.repeats, args.per_position_rows,
                   args.per_position_every)
         results.append(r)

@@ -16,14 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import make_tiny_lm
 from tdreward.reward.td import discounted_return
 from tdreward.reward_model import TDRewardModel
 from tdreward.workflows.train_critic import CriticTrainingConfig, train_critic
 
-from conftest import make_tiny_lm
-
-WORDS = ("river stone lamp quiet orbit velvet cedar harbor signal maple copper violin thunder "
-         "meadow prism falcon lantern glacier ember saddle").split()
+WORDS = ["river", "stone", "lamp", "quiet", "orbit", "velvet", "cedar", "harbor", "signal", "maple", "copper", "violin", "thunder", "meadow", "prism", "falcon", "lantern", "glacier", "ember", "saddle"]
 
 
 def _templates(n: int, words: int, seed: int) -> list[str]:

@@ -105,7 +105,11 @@ class TDRewardModel:
                 f"reward model {path} was trained on hidden size {critic.hidden_size}, "
                 f"but {spec} has {lm.config.hidden_size}: pass the matching --base_model"
             )
-        critic.load_state_dict(load_file(str(path / WEIGHTS_NAME)))
+        state = load_file(str(path / WEIGHTS_NAME))
+        # Critics saved before the slow context existed lack its (identity) standardisation.
+        for name in ("context_mean", "context_std"):
+            state.setdefault(name, getattr(critic, name))
+        critic.load_state_dict(state)
         critic.eval()
         model = cls(lm, tokenizer, critic, spec, trained=bool(meta.get("trained")))
         model.training_info = meta.get("training", {})
