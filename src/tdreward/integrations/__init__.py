@@ -1,0 +1,1 @@
+"""Bridges to other training libraries (imported on demand: `tdreward.integrations.trl`)."""
