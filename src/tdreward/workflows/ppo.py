@@ -1,0 +1,512 @@
+"""`tdreward train`: PPO with TD-shaped per-token rewards (DESIGN §2.5), CleanRL style.
+
+One step:
+ 1. rollout   each process samples `batch_size` prompts and generates continuations (left-padded
+              batched sampling from the policy's full distribution);
+ 2. reward    per response token: the critic's delta_t (potential-based shaping of r_t) minus
+              kl_coef * KL(policy || reference) (k1 or k3 estimate); the critic then takes a
+              TD(lambda) step on the batch, so it keeps learning online;
+ 3. GAE       advantages with (gamma, lam) from the policy's value head, whitened over all
+              processes' tokens;
+ 4. update    ppo_epochs passes of minibatches: clipped policy loss, clipped value loss, entropy
+              bonus, gradient clipping. A non-finite loss skips its minibatch; too many in a row
+              stop the run with an error.
+With --use_lora the reference is the base model with the adapter disabled (one model in memory),
+otherwise a frozen copy. `accelerate.Accelerator` wraps the policy (DDP under `accelerate launch`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from tdreward.errors import TDRewardError
+from tdreward.workflows import ppo_checkpoint as ckpt
+from tdreward.workflows.io import write_json
+from tdreward.workflows.ppo_checkpoint import config_dict, finite_stats, flat_config
+from tdreward.workflows.rollout import (
+    Rollout,
+    TDShapedReward,
+    entropy,
+    epoch_order,
+    explained_variance,
+    gae,
+    generate,
+    kl_penalty,
+    masked_mean,
+    prompt_rows,
+    read_prompt_source,
+    repetition_rate,
+    response_forward,
+    token_logprobs,
+    whiten,
+)
+
+log = logging.getLogger("tdreward")
+
+RewardFn = Callable[[Rollout], Tensor]  # rollout -> per-token rewards [B, L]
+TIMING_KEYS = ("tokens_per_s", "step_time_s", "elapsed_s")
+
+
+@dataclass
+class PPOConfig:
+    # --- models and data
+    base_model: str = "embedded:smollm2-135m-instruct"
+    reward_model_path: str | None = None  # trained critic; None = untrained heads (warned)
+    prompts: str | None = None  # .jsonl/.txt prompt file ...
+    dataset: str | None = None  # ... or a corpus whose windows become prompts
+    dataset_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    prompt_tokens: int = 64  # corpus windows: tokens per prompt
+    max_prompts: int = 10_000  # corpus windows: stop after this many
+    chat_template: bool = True  # wrap prompt-file prompts in the tokenizer's chat template
+    output_dir: str = "output"
+    # --- reward (None keeps the critic's own value)
+    alpha: float | None = None
+    beta: float | None = None
+    gamma: float | None = None  # also the GAE discount, so the shaping telescopes exactly
+    # --- schedule
+    epochs: int = 1
+    steps_per_epoch: int | None = None  # None: one pass over the prompts
+    batch_size: int = 4  # prompts per step per process
+    mini_batch_size: int = 2
+    ppo_epochs: int = 4
+    # --- generation
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    max_length: int = 512  # longest prompt in tokens; longer ones lose their start
+    # --- PPO
+    lr: float | None = None  # None: 1e-4 with LoRA, 1e-5 for full fine-tuning
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"  # k1 or k3
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    # Entropy bonus. 0 by default, as in TRL: over a 50k-token vocabulary it soon pays for noise,
+    # and the TD reward already carries an exploration term (beta * H).
+    ent_coef: float = 0.0
+    normalize_values: bool = True  # PopArt-style value normalisation (see PolicyWithValue)
+    value_norm_momentum: float = 0.9
+    lam: float = 0.95
+    max_grad_norm: float = 1.0
+    whiten_advantages: bool = True
+    # --- online critic
+    critic_lr: float = 1e-4
+    critic_updates: bool = True
+    # Whether an EOS token ends the critic's episode (V = 0 after it). Off by default: a critic
+    # trained on running text values every state at about mean(r) / (1 - gamma) (some -350 nats
+    # for SmolLM2 on WikiText), so a terminal EOS would earn delta = r - V(s) of about +350 and
+    # PPO would learn to stop at once. Off, the response's end bootstraps from V like a cut
+    # window, and length is judged by the tokens, not by escaping the future.
+    eos_terminal: bool = False
+    # --- LoRA
+    use_lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0  # dropout makes the PPO ratio noisy, so none by default
+    target_modules: list[str] | None = None  # None: PEFT's default for the architecture
+    merge: bool = False  # save model_epoch_N merged instead of as an adapter
+    # --- run
+    seed: int = 0
+    save_steps: int = 0  # also checkpoint every N steps (0: at epoch ends only)
+    save_total_limit: int = 2
+    resume_from_checkpoint: str | None = None  # a checkpoint dir, or `latest`
+    report_to: str | None = None  # tensorboard or wandb (accelerate trackers)
+    max_nan_streak: int = 5
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # free-form notes stored with the config
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.batch_size >= 1, "--batch_size must be at least 1"),
+            (1 <= self.mini_batch_size <= self.batch_size,
+             "--mini_batch_size must be between 1 and --batch_size"),
+            (self.ppo_epochs >= 1, "--ppo_epochs must be at least 1"),
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.max_new_tokens >= 1, "--max_new_tokens must be at least 1"),
+            (self.temperature > 0, "--temperature must be positive"),
+            (self.max_length >= 1, "--max_length must be at least 1"),
+            (self.kl_estimator in ("k1", "k3"), "--kl_estimator must be k1 or k3"),
+            (self.steps_per_epoch is None or self.steps_per_epoch >= 1,
+             "--steps_per_epoch must be at least 1"),
+            (self.report_to in (None, "tensorboard", "wandb"),
+             "--report_to must be tensorboard or wandb"),
+            (self.max_nan_streak >= 1, "--max_nan_streak must be at least 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise TDRewardError(msg)
+        if not self.prompts and not self.dataset:
+            raise TDRewardError("no prompts: pass --prompts FILE or --dataset NAME_OR_PATH")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (1e-4 if self.use_lora else 1e-5)
+
+
+# --------------------------------------------------------------------------- model
+class PolicyWithValue(nn.Module):
+    """The policy LM plus a scalar value head on its final hidden states (one module, so DDP
+    syncs both).
+
+    The head predicts in normalised units, V = value_mean + value_std * head(h), and the
+    normalisation follows the returns (PopArt, van Hasselt et al. 2016): a response's summed TD
+    rewards reach tens of nats, which a zero-initialised head under a value clip of 0.2 would
+    take thousands of steps to reach."""
+
+    def __init__(self, policy: nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value_head = nn.Linear(hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.register_buffer("value_mean", torch.zeros(()))
+        self.register_buffer("value_std", torch.ones(()))
+        self.register_buffer("value_updates", torch.zeros(()))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, n_response: int,
+                temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+        logits, h = response_forward(self.policy, input_ids, attention_mask, n_response,
+                                     temperature)
+        v = self.value_head(h.float()).squeeze(-1)
+        return logits, self.value_mean + self.value_std * v
+
+    @torch.no_grad()
+    def update_value_stats(self, mean: float, std: float, momentum: float) -> bool:
+        """Move (value_mean, value_std) toward a batch's return statistics. The first call sets
+        them (V jumps from 0 to the mean return, returns True); later calls rescale the head so
+        that every V stays what it was (PopArt's "preserving outputs")."""
+        std = max(std, 1e-3)
+        if int(self.value_updates) == 0:
+            self.value_mean.fill_(mean)
+            self.value_std.fill_(std)
+            self.value_updates += 1
+            return True
+        old_mean, old_std = float(self.value_mean), float(self.value_std)
+        new_mean = momentum * old_mean + (1 - momentum) * mean
+        new_std = momentum * old_std + (1 - momentum) * std
+        self.value_head.weight.mul_(old_std / new_std)
+        self.value_head.bias.copy_((old_std * self.value_head.bias + old_mean - new_mean) / new_std)
+        self.value_mean.fill_(new_mean)
+        self.value_std.fill_(new_std)
+        self.value_updates += 1
+        return False
+
+
+def build_policy(cfg: PPOConfig, lm, hidden_size: int):
+    """-> (PolicyWithValue, reference LM, context that makes the reference LM the base)."""
+    if cfg.use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.target_modules
+        if targets and len(targets) == 1 and targets[0] == "all-linear":
+            targets = "all-linear"  # PEFT's keyword for every linear layer but the output head
+        lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=targets, task_type="CAUSAL_LM")
+        try:
+            peft_model = get_peft_model(lm, lcfg)
+        except ValueError as e:
+            raise TDRewardError(f"LoRA setup failed: {str(e).splitlines()[0]} "
+                                "(check --target_modules)") from e
+        # One model in memory: the reference is the same network with the adapter switched off.
+        return PolicyWithValue(peft_model, hidden_size), peft_model, peft_model.disable_adapter
+    ref = copy.deepcopy(lm).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return PolicyWithValue(lm, hidden_size), ref, contextlib.nullcontext
+
+
+# --------------------------------------------------------------------------- the trainer
+class NaNGuard:
+    """Counts non-finite minibatches in a row; too many stop the run with a clear error."""
+
+    def __init__(self, limit: int, streak: int = 0) -> None:
+        self.limit, self.streak, self.skipped = limit, streak, 0
+
+    def check(self, finite: bool, step: int, what: str) -> bool:
+        if finite:
+            self.streak = 0
+            return True
+        self.streak += 1
+        self.skipped += 1
+        log.warning("step %d: %s is NaN/inf; minibatch skipped (%d in a row)", step, what,
+                    self.streak)
+        if self.streak >= self.limit:
+            raise TDRewardError(
+                f"the PPO {what} was NaN/inf in {self.streak} minibatches in a row (step "
+                f"{step}); lower --lr, check the reward model, or raise --max_nan_streak")
+        return False
+
+
+@dataclass
+class PPOResult:
+    model: PolicyWithValue  # unwrapped
+    ref_lm: nn.Module
+    ref_context: Callable
+    tokenizer: object
+    reward: object
+    metrics: list[dict]
+    output_dir: Path
+
+
+def _reward_model(cfg: PPOConfig, ref_lm, tokenizer, ref_context, accelerator):
+    from tdreward.reward.config import RewardConfig
+    from tdreward.reward_model import TDRewardModel
+    from tdreward.workflows.score import UNTRAINED_WARNING
+
+    lm = ref_lm.get_base_model() if hasattr(ref_lm, "get_base_model") else ref_lm
+    overrides = {k: getattr(cfg, k) for k in ("alpha", "beta", "gamma")
+                 if getattr(cfg, k) is not None}
+    if cfg.reward_model_path:
+        rm = TDRewardModel.from_pretrained(cfg.reward_model_path, base_model=cfg.base_model,
+                                           lm=lm, tokenizer=tokenizer)
+        if overrides:
+            rm.critic.config = RewardConfig.from_dict(rm.config.to_dict() | overrides)
+    else:
+        if accelerator.is_main_process:
+            log.warning(UNTRAINED_WARNING)
+        rm = TDRewardModel.from_lm(lm, tokenizer, cfg.base_model, RewardConfig(**overrides))
+    rm.critic.to(accelerator.device)
+
+    def reduce_grads(params, loss):
+        for p in params:
+            p.grad = accelerator.reduce(p.grad, "mean")
+
+    return TDShapedReward(rm, ref_context, lr=cfg.critic_lr, learn=cfg.critic_updates,
+                          reduce_grads=reduce_grads if accelerator.num_processes > 1 else None,
+                          eos_terminal=cfg.eos_terminal)
+
+
+def _accelerator(cfg: PPOConfig):
+    from accelerate import Accelerator
+
+    # `accelerate launch --multi_gpu` on a machine without GPUs: DDP over CPU processes (gloo).
+    # Accelerate only picks that when told cpu=True.
+    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    kw = {"cpu": True} if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not gpu else {}
+    if cfg.report_to:
+        import importlib.util
+
+        pkgs = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}[cfg.report_to]
+        if not any(importlib.util.find_spec(p) for p in pkgs):
+            raise TDRewardError(f"--report_to {cfg.report_to} needs the {pkgs[0]} package: "
+                                f"pip install {pkgs[0]}")
+        return Accelerator(log_with=cfg.report_to, project_dir=cfg.output_dir, **kw)
+    return Accelerator(**kw)
+
+
+def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, lm=None,
+              tokenizer=None) -> PPOResult:
+    """Run PPO; returns the trained policy (and the online critic). `reward_fn` replaces the TD
+    reward (a toy reward in tests); `lm`/`tokenizer` replace loading `cfg.base_model`."""
+    from accelerate.utils import set_seed
+
+    texts = read_prompt_source(cfg)  # bad or empty data fails before anything heavy
+    accelerator = _accelerator(cfg)
+    main = accelerator.is_main_process
+    out = Path(cfg.output_dir)
+    set_seed(cfg.seed)  # identical initialisation on every process
+    if lm is None:
+        from tdreward.backends.hf import load_model
+
+        lm, tokenizer = load_model(cfg.base_model)
+    rows = prompt_rows(cfg, texts, tokenizer)
+    hidden = lm.config.hidden_size
+    model, ref_lm, ref_context = build_policy(cfg, lm, hidden)
+    ref_lm.to(accelerator.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-5)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    reward = reward_fn or _reward_model(cfg, ref_lm, tokenizer, ref_context, accelerator)
+    gamma = cfg.gamma if cfg.gamma is not None else (
+        reward.rm.config.gamma if hasattr(reward, "rm") else 0.99)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = cfg.batch_size * world
+    steps_per_epoch = cfg.steps_per_epoch or max(1, math.ceil(len(rows) / global_batch))
+    total_steps = cfg.epochs * steps_per_epoch
+    set_seed(cfg.seed + rank)  # different samples on every process from here on
+
+    step, guard = 0, NaNGuard(cfg.max_nan_streak)
+    ckpt_root = out / "checkpoints"
+    metrics_path = out / "metrics.jsonl"
+    history: list[dict] = []
+    if cfg.resume_from_checkpoint:
+        path = ckpt.resolve_checkpoint(cfg.resume_from_checkpoint, ckpt_root)
+        if path is None:
+            log.warning("no checkpoint in %s yet: starting from scratch", ckpt_root)
+        else:
+            state = ckpt.load_checkpoint(path, accelerator, model, optimizer, reward)
+            if state["steps_per_epoch"] != steps_per_epoch:
+                raise TDRewardError(f"checkpoint {path} has {state['steps_per_epoch']} steps per "
+                                    f"epoch, this run {steps_per_epoch}: pass the same "
+                                    "--steps_per_epoch and --batch_size")
+            step, guard.streak = state["step"], state["nan_streak"]
+            guard.skipped = state.get("nan_skipped", 0)
+            log.info("resumed from %s at step %d", path, step)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        history = ckpt.restart_metrics(metrics_path, step)
+        write_json(out / "ppo_config.json", config_dict(cfg) | {"num_processes": world})
+    if cfg.report_to:
+        accelerator.init_trackers("tdreward_ppo", config=flat_config(cfg))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total_steps, initial=step, desc="PPO", unit="step",
+               disable=not (cfg.progress and main))
+    t_start = time.perf_counter()
+    while step < total_steps:
+        epoch, in_epoch = step // steps_per_epoch + 1, step % steps_per_epoch
+        order = epoch_order(len(rows), steps_per_epoch * global_batch, cfg.seed, epoch)
+        start = in_epoch * global_batch + rank * cfg.batch_size
+        batch = [rows[i] for i in order[start : start + cfg.batch_size]]
+        t0 = time.perf_counter()
+        stats = ppo_step(cfg, accelerator, model, unwrapped, optimizer, ref_lm, ref_context,
+                         tokenizer, reward, batch, gamma, guard, step + 1)
+        step += 1
+        dt = time.perf_counter() - t0
+        stats = {"step": step, "epoch": epoch} | stats | {
+            "tokens_per_s": stats["n_tokens"] / dt, "step_time_s": dt,
+            "elapsed_s": time.perf_counter() - t_start}
+        if main:
+            history.append(stats)
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(finite_stats(stats)) + "\n")
+        if cfg.report_to:
+            accelerator.log(finite_stats(stats, drop_none=True), step=step)
+        bar.update(1)
+        bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}")
+        epoch_end = step % steps_per_epoch == 0
+        if epoch_end:
+            ckpt.save_epoch(cfg, accelerator, unwrapped, tokenizer, reward, epoch, step, history)
+        if epoch_end or (cfg.save_steps and step % cfg.save_steps == 0):
+            state = {"steps_per_epoch": steps_per_epoch, "nan_streak": guard.streak,
+                     "nan_skipped": guard.skipped, "config": config_dict(cfg)}
+            ckpt.save_checkpoint(ckpt_root, step, accelerator, model, optimizer, reward, state,
+                                 keep=cfg.save_total_limit)
+    bar.close()
+    if cfg.report_to:
+        accelerator.end_training()
+    return PPOResult(unwrapped, ref_lm, ref_context, tokenizer, reward, history, out)
+
+
+def ppo_step(cfg: PPOConfig, accelerator, model, unwrapped: PolicyWithValue, optimizer, ref_lm,
+             ref_context, tokenizer, reward, batch: list[list[int]], gamma: float,
+             guard: NaNGuard, step: int) -> dict:
+    """One rollout and its PPO update; returns this step's statistics (averaged over processes)."""
+    dev = accelerator.device
+    # 1. rollout
+    ro = generate(unwrapped.policy, tokenizer, batch, cfg.max_new_tokens, cfg.temperature, dev)
+    ids, attn, resp, m = ro.input_ids, ro.attention_mask, ro.response, ro.response_mask.float()
+    L = resp.shape[1]
+    with torch.no_grad():
+        unwrapped.eval()
+        logits, values = unwrapped(ids, attn, L, cfg.temperature)
+        logp = token_logprobs(logits, resp)
+        with ref_context():
+            ref_logits, _ = response_forward(ref_lm, ids, attn, L, cfg.temperature)
+        ref_logp = token_logprobs(ref_logits, resp)
+        del logits, ref_logits
+    # 2. reward: TD error per token (the critic learns online inside reward_fn) minus KL
+    score = reward(ro).to(dev).float() * m
+    kl = kl_penalty(logp, ref_logp, cfg.kl_estimator) * m
+    rewards = score - cfg.kl_coef * kl
+    # 3. advantages; the value normalisation follows the returns (all processes' tokens)
+    values = values * m
+    adv, returns = gae(rewards, values, m, gamma, cfg.lam)
+    if cfg.normalize_values:
+        rs = accelerator.reduce(torch.stack([(returns * m).sum(), (returns**2 * m).sum(),
+                                            m.sum()]), "sum")
+        mean = float(rs[0] / rs[2])
+        std = math.sqrt(max(float(rs[1] / rs[2]) - mean**2, 0.0))
+        old_mean, old_std = float(unwrapped.value_mean), float(unwrapped.value_std)
+        if unwrapped.update_value_stats(mean, std, cfg.value_norm_momentum):
+            # First batch: V jumped to the new normalisation; map the rollout's values with it.
+            values = (float(unwrapped.value_mean) + float(unwrapped.value_std)
+                      * (values - old_mean) / old_std) * m
+            adv, returns = gae(rewards, values, m, gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        adv = whiten(adv, m, lambda t: accelerator.reduce(t, "sum"))
+    # 4. PPO epochs over minibatches
+    unwrapped.train()
+    acc = {k: [] for k in ("policy_loss", "value_loss", "entropy", "clip_fraction",
+                           "value_clip_fraction", "approx_kl")}
+    B = len(batch)
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(B)
+        for a in range(0, B - cfg.mini_batch_size + 1, cfg.mini_batch_size):
+            mb = perm[a : a + cfg.mini_batch_size].to(dev)
+            mm = m[mb]
+            new_logits, vpred = model(ids[mb], attn[mb], L, cfg.temperature)
+            new_logp = token_logprobs(new_logits, resp[mb])
+            ent = masked_mean(entropy(new_logits), mm)
+            log_ratio = new_logp - logp[mb]
+            ratio = torch.exp(log_ratio)
+            pg = torch.max(-adv[mb] * ratio,
+                           -adv[mb] * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange))
+            pg_loss = masked_mean(pg, mm)
+            # Value clip and loss in the head's normalised units (value_std = 1 without them).
+            vs = unwrapped.value_std
+            v_clip = values[mb] + (vpred - values[mb]).clamp(-cfg.cliprange_value * vs,
+                                                             cfg.cliprange_value * vs)
+            vf = torch.max((vpred - returns[mb]) ** 2, (v_clip - returns[mb]) ** 2) / vs**2
+            vf_loss = 0.5 * masked_mean(vf, mm)
+            loss = pg_loss + cfg.vf_coef * vf_loss - cfg.ent_coef * ent
+            # Every process must take the same branch, or DDP's collectives would hang.
+            ok = accelerator.reduce(torch.isfinite(loss).float().reshape(1), "sum").item()
+            if not guard.check(ok == accelerator.num_processes, step, "loss"):
+                optimizer.zero_grad()
+                continue
+            accelerator.backward(loss)
+            gnorm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            if not guard.check(bool(torch.isfinite(torch.as_tensor(gnorm))), step, "gradient"):
+                optimizer.zero_grad()
+                continue
+            optimizer.step()
+            optimizer.zero_grad()
+            with torch.no_grad():
+                acc["policy_loss"].append(pg_loss)
+                acc["value_loss"].append(vf_loss)
+                acc["entropy"].append(ent)
+                acc["clip_fraction"].append(masked_mean(
+                    ((ratio - 1).abs() > cfg.cliprange).float(), mm))
+                acc["value_clip_fraction"].append(masked_mean(
+                    ((vpred - values[mb]).abs() > cfg.cliprange_value * vs).float(), mm))
+                acc["approx_kl"].append(masked_mean(0.5 * log_ratio**2, mm))
+    unwrapped.eval()
+    n = m.sum(1)
+    local = {
+        "reward": masked_mean(score, m), "score_per_response": (score.sum(1)).mean(),
+        "kl": masked_mean(kl, m), "kl_k1": masked_mean(logp - ref_logp, m),
+        "kl_k3": masked_mean(kl_penalty(logp, ref_logp, "k3"), m),
+        "kl_per_response": ((logp - ref_logp) * m).sum(1).mean(),
+        "total_reward": masked_mean(rewards, m), "value_mean": masked_mean(values, m),
+        "return_mean": masked_mean(returns, m), "response_length": n.mean(),
+        "repetition_rate": torch.tensor(sum(repetition_rate(r) for r in ro.responses()) / B),
+        "explained_variance": torch.tensor(explained_variance(values, returns, m)),
+        "critic_td_loss": torch.tensor(getattr(reward, "last_td_loss", math.nan)),
+    }
+    local |= {k: torch.stack(v).mean() if v else torch.tensor(math.nan) for k, v in acc.items()}
+    keys = sorted(local)
+    vec = accelerator.reduce(torch.stack([local[k].float().to(dev) for k in keys]), "mean")
+    stats = {k: float(v) for k, v in zip(keys, vec.detach())}
+    stats["n_tokens"] = float(accelerator.reduce(m.sum(), "sum"))
+    stats["nan_skipped"] = guard.skipped
+    return stats
+
+
+__all__ = ["PPOConfig", "PPOResult", "PolicyWithValue", "train_ppo", "gae", "whiten"]
