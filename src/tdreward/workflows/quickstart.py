@@ -1,0 +1,87 @@
+"""`tdreward quickstart`: a small critic (trained once, cached) and the base-vs-instruct
+experiment on the two embedded models, end to end and offline.
+
+The critic learns on the bundled data/sample_training_data.jsonl (not WikiText: nothing here
+may depend on data outside the package); it is trained into `<critic_dir>.partial` and renamed
+when complete, so an interrupted training resumes and a half-trained critic is never used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tdreward.backends.embedded import DEFAULT_MODEL
+from tdreward.backends.embedded import cache_dir as tdreward_cache
+from tdreward.workflows.compare import (
+    DEFAULT_MODELS,
+    TRAINING_DATA,
+    CompareConfig,
+    bundled_data,
+    run_compare,
+)
+
+log = logging.getLogger("tdreward")
+
+
+@dataclass
+class QuickstartConfig:
+    output_dir: str = "tdreward_quickstart"
+    num_samples: int = 10
+    max_new_tokens: int = 64
+    critic_dir: str | None = None  # default $TDREWARD_CACHE/critics/quickstart-smollm2
+    retrain: bool = False
+    max_tokens: int = 6000  # corpus tokens the critic learns from
+    epochs: int = 30
+    seed: int = 0
+    cache_dir: str | None = None  # generation cache (default $TDREWARD_CACHE/generations)
+    verbose: bool = False
+
+
+def default_critic_dir() -> Path:
+    return tdreward_cache() / "critics" / "quickstart-smollm2"
+
+
+def ensure_critic(cfg: QuickstartConfig) -> tuple[Path, bool]:
+    """(critic directory, whether it was trained now)."""
+    from tdreward.reward_model import CONFIG_NAME, WEIGHTS_NAME
+    from tdreward.workflows.train_critic import CriticTrainingConfig, train_critic
+
+    final = Path(cfg.critic_dir) if cfg.critic_dir else default_critic_dir()
+    if cfg.retrain and final.exists():
+        shutil.rmtree(final)
+    if (final / CONFIG_NAME).is_file() and (final / WEIGHTS_NAME).is_file():
+        return final, False
+    partial = final.with_name(final.name + ".partial")
+    log.warning("training a small critic on %s into %s (once; later runs reuse it)",
+                TRAINING_DATA, final)
+    train_critic(CriticTrainingConfig(
+        base_model=DEFAULT_MODEL, dataset=str(bundled_data(TRAINING_DATA)),
+        max_tokens=cfg.max_tokens, output_dir=str(partial), epochs=cfg.epochs, seed=cfg.seed,
+    ), progress=True)
+    # The LM-feature cache and the resume checkpoint are only needed while training.
+    for sub in ("cache", "checkpoint"):
+        shutil.rmtree(partial / sub, ignore_errors=True)
+    if final.exists():
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(partial, final)
+    return final, True
+
+
+def run_quickstart(cfg: QuickstartConfig) -> dict:
+    critic, trained_now = ensure_critic(cfg)
+    results = run_compare(CompareConfig(
+        models=list(DEFAULT_MODELS), num_samples=cfg.num_samples,
+        max_new_tokens=cfg.max_new_tokens, output_dir=cfg.output_dir,
+        base_model=DEFAULT_MODEL, reward_model_path=str(critic), seed=cfg.seed,
+        html_report=True, command="experiment", cache_dir=cfg.cache_dir, verbose=cfg.verbose,
+    ))
+    results["quickstart"] = {"critic": str(critic), "critic_trained_now": trained_now}
+    return results
+
+
+__all__ = ["QuickstartConfig", "default_critic_dir", "ensure_critic", "run_quickstart"]
