@@ -31,12 +31,12 @@ def tokenizer(smollm2):
     return smollm2[1]
 
 
-def make_tiny_lm(vocab_size: int, seed: int = 0, max_positions: int = 256):
+def make_tiny_lm(vocab_size: int, seed: int = 0, max_positions: int = 256, hidden_size: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         tie_word_embeddings=True,
     )
