@@ -49,16 +49,29 @@ def test_logp_matches_brute_force_per_position(rm, tiny_lm):
     assert max(abs(a - b) for a, b in zip(s.logp, brute)) < 1e-5
 
 
-def test_chunked_logprob_and_entropy_match_full_softmax(tiny_lm):
+@pytest.mark.parametrize("tile_elems", [1, 21 * 300, 1 << 21, 1 << 30])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_tiled_logprob_and_entropy_match_full_softmax(tiny_lm, tile_elems, softcap):
+    """The online softmax over vocabulary tiles equals the full log_softmax, whether the
+    vocabulary is cut into hundreds of tiles, a few, or none; with a softcap and a bias too,
+    and through the row-wise path a wrapped head takes."""
     torch.manual_seed(0)
-    h = torch.randn(3, 7, tiny_lm.config.hidden_size)
+    h = torch.randn(3, 7, tiny_lm.config.hidden_size) * 4
     y = torch.randint(0, tiny_lm.config.vocab_size, (3, 7))
     head = tiny_lm.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features)
     with torch.no_grad():
-        logp, ent = logprob_and_entropy(h, head, y, chunk_elems=tiny_lm.config.vocab_size * 2)
-        full = torch.log_softmax(head(h).double(), -1)
-    assert torch.allclose(logp.double(), full.gather(-1, y[..., None]).squeeze(-1), atol=1e-5)
-    assert torch.allclose(ent.double(), -(full.exp() * full).sum(-1), atol=1e-4)
+        biased.weight.copy_(head.weight)
+    wrapped = torch.nn.Sequential(head)  # not a plain Linear: the row-wise fallback
+    for module in (head, biased, wrapped):
+        logp, ent = logprob_and_entropy(h, module, y, tile_elems, softcap)
+        with torch.no_grad():
+            logits = module(h).double()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            full = torch.log_softmax(logits, -1)
+        assert torch.allclose(logp.double(), full.gather(-1, y[..., None]).squeeze(-1), atol=2e-5)
+        assert torch.allclose(ent.double(), -(full.exp() * full).sum(-1), atol=2e-4)
 
 
 def test_changing_one_token_changes_r_and_delta_there_and_nothing_before(rm):

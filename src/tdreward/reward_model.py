@@ -158,7 +158,7 @@ class TDRewardModel:
         with torch.no_grad():
             return extract_features(
                 self.lm, input_ids, attention_mask, done, max_length, stride,
-                self.config.logit_chunk_elems,
+                self.config.logit_tile_elems,
             )
 
     def terminal_states(self, input_ids, attention_mask, terminal_at_end: bool = False):

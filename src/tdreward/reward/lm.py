@@ -1,7 +1,7 @@
 """One forward pass of a reference LM -> the features the critic needs (pure torch, no I/O).
 
 The decoder runs once over the batch; log p(next token) and entropy come from its final hidden
-states a chunk of positions at a time, so the full B x T x V logits never exist. Texts longer
+states a tile of logits at a time, so the full B x T x V logits never exist. Texts longer
 than the context window are read with sliding windows: each token is scored exactly once, with
 as much left context as the window allows.
 """
@@ -42,15 +42,15 @@ def logits_fn(lm: nn.Module):
     return base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
 
 
-def _single_pass(lm, input_ids, attention_mask, chunk_elems):
+def _single_pass(lm, input_ids, attention_mask, tile_elems):
     hidden = forward_hidden(lm, input_ids, attention_mask)
     head, softcap = logits_fn(lm)
     targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)  # last column: no target
-    logp, ent = logprob_and_entropy(hidden, head, targets, chunk_elems, softcap)
+    logp, ent = logprob_and_entropy(hidden, head, targets, tile_elems, softcap)
     return hidden, logp[:, :-1], ent
 
 
-def _windowed(lm, ids: Tensor, window: int, stride: int, chunk_elems: int):
+def _windowed(lm, ids: Tensor, window: int, stride: int, tile_elems: int):
     """One long row [T] in sliding windows -> hidden [T, D], logp [T-1], entropy [T]."""
     T = ids.shape[0]
     head, softcap = logits_fn(lm)
@@ -64,7 +64,7 @@ def _windowed(lm, ids: Tensor, window: int, stride: int, chunk_elems: int):
             hidden = h.new_zeros(T, h.shape[-1])
         pos = torch.arange(end - n_new, end, device=ids.device)
         tgt = ids[(pos + 1).clamp(max=T - 1)]
-        lp, e = logprob_and_entropy(h_new, head, tgt, chunk_elems, softcap)
+        lp, e = logprob_and_entropy(h_new, head, tgt, tile_elems, softcap)
         hidden[pos], logp[pos], ent[pos] = h_new, lp, e
     return hidden, logp[:-1], ent
 
@@ -76,7 +76,7 @@ def extract_features(
     done: Tensor | None = None,
     max_length: int | None = None,
     stride: int | None = None,
-    chunk_elems: int = 1 << 23,
+    tile_elems: int = 1 << 21,
 ) -> LMFeatures:
     """LMFeatures for a right-padded batch. `done` defaults to: the last token of every row is
     the real end of its document (terminal). Rows longer than `max_length` use sliding windows."""
@@ -87,13 +87,13 @@ def extract_features(
         done = torch.zeros(B, T, dtype=torch.bool, device=input_ids.device)
         done[torch.arange(B), (lengths - 1).clamp(min=0)] = True
     if window >= T:
-        hidden, logp, ent = _single_pass(lm, input_ids, attention_mask, chunk_elems)
+        hidden, logp, ent = _single_pass(lm, input_ids, attention_mask, tile_elems)
     else:
         stride = stride or window // 2
         rows = []
         for b in range(B):
             n = int(attention_mask[b].sum())
-            rows.append(_windowed(lm, input_ids[b, :n], window, stride, chunk_elems))
+            rows.append(_windowed(lm, input_ids[b, :n], window, stride, tile_elems))
         D = rows[0][0].shape[-1]
         hidden = rows[0][0].new_zeros(B, T, D)
         logp = hidden.new_zeros(B, T - 1, dtype=torch.float32)
