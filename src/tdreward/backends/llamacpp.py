@@ -25,14 +25,32 @@ from tdreward.specs import parse_spec
 _LOGSOFTMAX_ROWS = 256
 
 
+_LOG_CALLBACK = None  # kept alive here: llama.cpp holds only a C pointer to it
+_GGML_LOG_LEVEL_ERROR = 4  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+
+
 def _import_llama_cpp() -> Any:
     """Import llama_cpp on first use, so the rest of tdreward works without it."""
+    global _LOG_CALLBACK
     try:
         import llama_cpp
     except ImportError as e:
         raise TDRewardError(
             "the llama.cpp backend needs llama-cpp-python: pip install 'tdreward[llamacpp]'"
         ) from e
+    if _LOG_CALLBACK is None:
+        # llama-cpp-python's own callback maps ggml's levels one off, so with verbose=False
+        # llama.cpp's warnings still reach the terminal; pass on only real errors.
+        import ctypes
+        import sys
+
+        @llama_cpp.llama_log_callback
+        def _errors_only(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            if level == _GGML_LOG_LEVEL_ERROR:
+                print(text.decode("utf-8", errors="replace"), end="", file=sys.stderr)
+
+        _LOG_CALLBACK = _errors_only
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
     return llama_cpp
 
 
