@@ -58,7 +58,7 @@ install() {
   # Decode a few tokens in a child process: a broken llama.cpp build dies here, not in a test.
   $VENV/bin/python -c 'from tdreward.backends.llamacpp import LlamaCppModel
 LlamaCppModel("embedded:smollm2-135m-instruct").text_logprobs("A quick check.")' \
-    || { echo "setup.sh: llama-cpp-python crashed on a 4-token decode (try CMAKE_ARGS=-DGGML_NATIVE=OFF and delete ${TDREWARD_CACHE:-$HOME/.cache/tdreward}/wheels)" >&2; exit 1; }
+    || { echo "setup.sh: llama-cpp-python (built with $LLAMA_CMAKE_ARGS) crashed on a short decode; set CMAKE_ARGS to other CMake flags and run again" >&2; exit 1; }
   echo "$want" > $STAMP
 }
 

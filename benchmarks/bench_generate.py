@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4, help="how many eval prompts")
     ap.add_argument("--torch_threads", default="1,all",
                     help="comma-separated torch thread counts to time transformers with")
+    ap.add_argument("--llamacpp_threads", type=int,
+                    help="also time llama.cpp with this many threads (default: half the CPUs)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args()
     prompts = load_prompt_texts(None)[0][: args.prompts]
@@ -47,6 +49,12 @@ def main() -> None:
     rows["llama.cpp (quantised Q4_1, 1 prompt at a time)"] = timed(cpp, prompts,
                                                                    args.max_new_tokens)
     cpp.close()
+    if args.llamacpp_threads:
+        opts = BackendOptions(extra={"n_threads": args.llamacpp_threads})
+        cpp = make_generator(MODEL, "llamacpp", opts)
+        rows[f"llama.cpp (Q4_1, 1 prompt at a time, {args.llamacpp_threads} threads)"] = timed(
+            cpp, prompts, args.max_new_tokens)
+        cpp.close()
     all_threads = torch.get_num_threads()
     hf = make_generator(MODEL, "transformers", BackendOptions(batch_size=1))
     wanted = {all_threads if t.strip() == "all" else int(t) for t in args.torch_threads.split(",")}

@@ -28,13 +28,15 @@ def logprob_and_entropy(
     time, about `tile_elems` floats, and reduced by an online softmax (running max m, sum
     s = sum e^(l-m) and u = sum e^(l-m) (l-m) per row): log Z = m + log s, H = log s - u / s.
     Tiling the vocabulary rather than the positions reads the output embedding once per
-    block of rows instead of once per small chunk, and keeps each tile in cache: on a 262k
-    vocabulary this costs about what the output matmul alone costs
-    (`benchmarks/bench_score.py`).
+    block of rows instead of once per small chunk, and each pass over a tile touches 8 MB
+    rather than hundreds: on a 262k vocabulary this costs about what the output matmul alone
+    costs (`benchmarks/bench_score.py`).
     """
-    weight, bias = _linear_parts(lm_head)
-    if weight is None:  # a wrapped or quantised head: whole rows through the module itself
+    if type(lm_head) is not torch.nn.Linear:
+        # A LoRA-wrapped or quantised head computes more than x W^T + b: whole rows through
+        # the module itself.
         return _logprob_and_entropy_by_rows(hidden, lm_head, targets, tile_elems, softcap)
+    weight, bias = lm_head.weight, lm_head.bias
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
     y = targets.reshape(-1)
@@ -69,14 +71,6 @@ def logprob_and_entropy(
         logp[a : a + rows] = target - (m + log_s)
         ent[a : a + rows] = log_s - u / s
     return logp.view(shape), ent.view(shape)
-
-
-def _linear_parts(module: torch.nn.Module) -> tuple[Tensor | None, Tensor | None]:
-    """(weight, bias) of a plain nn.Linear head; (None, None) for anything that computes more
-    than x W^T + b (a LoRA-wrapped or quantised head)."""
-    if type(module) is torch.nn.Linear:
-        return module.weight, module.bias
-    return None, None
 
 
 def _logprob_and_entropy_by_rows(hidden, lm_head, targets, tile_elems, softcap):
