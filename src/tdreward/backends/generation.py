@@ -78,7 +78,8 @@ class BackendOptions:
     """Settings a backend may use; each takes the ones it needs."""
 
     prompt_format: str = "auto"  # auto | chat | raw
-    batch_size: int = 8  # transformers: prompts per padded batch
+    batch_size: int = 8  # prompts generated together (transformers: a padded batch;
+    # llama.cpp: sequences sharing each decode call)
     ollama_host: str | None = None
     pull: bool = False  # ollama: pull a missing model
     concurrency: int = 4  # servers: requests in flight
@@ -278,7 +279,8 @@ class LlamaCppGenerator:
         self.spec = spec
         threads = options.extra.get("n_threads")  # default: LlamaCppModel's (half the CPUs)
         self.model = _llamacpp_model_class()(spec.raw, n_ctx=int(options.extra.get("n_ctx", 2048)),
-                                             n_threads=int(threads) if threads else None)
+                                             n_threads=int(threads) if threads else None,
+                                             n_parallel=max(1, options.batch_size))
         template = self.model.llm.metadata.get("tokenizer.chat_template")
         self.chat = use_chat(options.prompt_format, bool(template), spec.raw)
         self.model.parse_special = self.chat
@@ -302,12 +304,11 @@ class LlamaCppGenerator:
                  seeds: Sequence[int] | None = None) -> list[Generation]:
         check_sampling(max_new_tokens, temperature, top_p)
         seeds = sample_seeds(len(prompts), seed, seeds)
+        outs = self.model.generate([self.format(p) for p in prompts],
+                                   max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, seeds=seeds)
         gens = []
-        for p, s in zip(prompts, seeds):
-            # One prompt per call, with its own seed: LlamaCppModel.generate seeds prompt i
-            # with seed + i, so a call of one prompt gets exactly `s`.
-            r = self.model.generate([self.format(p)], max_new_tokens=max_new_tokens,
-                                    temperature=temperature, seed=s, top_p=top_p)[0]
+        for p, s, r in zip(prompts, seeds, outs, strict=True):
             n = len(r["tokens"])
             gens.append(Generation(
                 prompt=p, text=r["text"], n_tokens=n, logprobs=[float(x) for x in r["logprobs"]],

@@ -127,6 +127,7 @@ class LlamaCppModel:
         n_ctx: int = 2048,
         n_threads: int | None = None,
         seed: int = 0,
+        n_parallel: int = 8,
     ) -> None:
         """Load the model; raises TDRewardError on a missing, truncated or unloadable file."""
         llama_cpp = _import_llama_cpp()
@@ -139,6 +140,9 @@ class LlamaCppModel:
         # batches; its spinning thread barrier then collapses (10x slower measured on 2 CPUs)
         # as soon as any other process wants a core. Half the usable CPUs for both is robust.
         threads = n_threads or max(1, _usable_cpus() // 2)
+        if n_parallel < 1:
+            raise TDRewardError(f"n_parallel must be >= 1, got {n_parallel}")
+        self.n_parallel = n_parallel  # sequences decoded together by generate()
         try:
             self._llm = llama_cpp.Llama(
                 model_path=str(self.path),
@@ -205,72 +209,49 @@ class LlamaCppModel:
         temperature: float = 0.0,
         seed: int = 0,
         top_p: float = 1.0,
+        seeds: list[int] | None = None,
     ) -> list[dict]:
         """Complete each raw-text prompt; greedy at temperature 0, else seeded sampling.
 
-        Returns one {"prompt", "text", "tokens", "logprobs"} per prompt; `logprobs` are the
-        model's (untempered) log-probs of the generated tokens, the same log-softmax of the
-        raw logits that llama-cpp-python's completion API reports, but in float64.
+        Up to `n_parallel` prompts are decoded together (continuous batching, see
+        tdreward.backends.llamacpp_batch). Prompt i is sampled with seeds[i], by default
+        seed + i: reproducible, yet repeated prompts get distinct samples. Returns one
+        {"prompt", "text", "tokens", "logprobs"} per prompt; `logprobs` are the model's
+        (untempered) log-probs of the generated tokens, the log-softmax of the raw logits.
         """
+        from tdreward.backends.llamacpp_batch import generate_batched
+
         if temperature < 0:
             raise TDRewardError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
         if not 0 < top_p <= 1:
             raise TDRewardError(f"top_p must be in (0, 1], got {top_p}")
-        results = []
-        for i, prompt in enumerate(prompts):
-            # seed + i: reproducible for a given seed, yet repeated prompts get distinct samples.
-            results.append(
-                self._generate_one(
-                    prompt, max_new_tokens, temperature, (seed + i) & 0x7FFFFFFF, top_p
-                )
-            )
-        return results
-
-    def _generate_one(
-        self, prompt: str, max_new_tokens: int, temperature: float, seed: int, top_p: float
-    ) -> dict:
+        if seeds is None:
+            seeds = [(seed + i) & 0x7FFFFFFF for i in range(len(prompts))]
+        if len(seeds) != len(prompts):
+            raise TDRewardError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         llm = self.llm
-        prompt_tokens = self.tokenize(prompt)
-        if not prompt_tokens:  # llama.cpp needs at least one token to predict from
-            bos = llm.token_bos()
-            prompt_tokens = [bos if bos >= 0 else llm.token_eos()]
-        budget = min(max_new_tokens, self.n_ctx - len(prompt_tokens))
-        if budget < 0:
-            raise TDRewardError(
-                f"the prompt has {len(prompt_tokens)} tokens, more than the context of {self.n_ctx}"
-            )
-        llm.set_seed(seed)
-        # A full reset every time: llama-cpp-python otherwise reuses the KV cache of a shared
-        # prefix, and sampling must not depend on what was generated before.
-        llm.reset()
-        generated: list[int] = []
-        if budget > 0:
-            stream = llm.generate(
-                prompt_tokens,
-                temp=temperature,
-                top_p=top_p,
-                top_k=0,  # 0 disables top-k: only top_p and temperature shape the sampling
-                min_p=0.0,
-                typical_p=1.0,
-                repeat_penalty=1.0,
-                reset=False,
-            )
-            for token in stream:
-                if self._llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    break
-                generated.append(int(token))
-                if len(generated) >= budget:
-                    break
-            stream.close()
-        # Generated token j was predicted by score row len(prompt) - 1 + j (filled before
-        # sampling), so its log-prob needs no extra evaluation.
-        start = len(prompt_tokens) - 1
-        logits = llm.scores[start : start + len(generated)]
-        logprobs = _gathered_logprobs(logits, np.asarray(generated, dtype=np.int64))
-        text = llm.detokenize(generated, prev_tokens=prompt_tokens).decode(
-            "utf-8", errors="replace"
-        )
-        return {"prompt": prompt, "text": text, "tokens": generated, "logprobs": logprobs}
+        tokenized, budgets = [], []
+        for prompt in prompts:
+            tokens = self.tokenize(prompt)
+            if not tokens:  # llama.cpp needs at least one token to predict from
+                bos = llm.token_bos()
+                tokens = [bos if bos >= 0 else llm.token_eos()]
+            budget = min(max_new_tokens, self.n_ctx - len(tokens))
+            if budget < 0:
+                raise TDRewardError(
+                    f"the prompt has {len(tokens)} tokens, more than the context of {self.n_ctx}"
+                )
+            tokenized.append(tokens)
+            budgets.append(budget)
+        outs = generate_batched(self._llama_cpp, llm.model, self._vocab, llm.context_params,
+                                tokenized, budgets, list(seeds), temperature, top_p,
+                                self.n_parallel)
+        results = []
+        for prompt, ptoks, (tokens, logprobs) in zip(prompts, tokenized, outs, strict=True):
+            text = llm.detokenize(tokens, prev_tokens=ptoks).decode("utf-8", errors="replace")
+            results.append({"prompt": prompt, "text": text, "tokens": tokens,
+                            "logprobs": np.asarray(logprobs, dtype=np.float64)})
+        return results
 
     # --- lifetime -----------------------------------------------------------------------------
 

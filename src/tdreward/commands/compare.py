@@ -30,7 +30,8 @@ def _generation_flags(p: argparse.ArgumentParser, num_samples: int, max_new_toke
     flag(p, "--prompt_format", default="auto", choices=["auto", "chat", "raw"],
          help="auto: the model's chat template when it has one (instruct models), else raw")
     flag(p, "--batch_size", type=int, default=8,
-         help="transformers generation batch and reward scoring batch (default 8)")
+         help="prompts generated together (transformers: one padded batch; llama.cpp: "
+         "sequences sharing each decode) and the reward scoring batch (default 8)")
     flag(p, "--cache_dir", help="generation cache (default $TDREWARD_CACHE/generations)")
     flag(p, "--no_cache", action="store_true", help="neither read nor write the cache")
     if servers:

@@ -61,7 +61,7 @@ class CompareConfig:
     concurrency: int = 4
     timeout: float = 300.0
     retries: int = 3
-    batch_size: int = 8  # transformers generation and reward scoring
+    batch_size: int = 8  # generation (transformers batch, llama.cpp parallel sequences), scoring
     openai_extra_body: dict = field(default_factory=dict)
     cache_dir: str | None = None  # default $TDREWARD_CACHE/generations
     no_cache: bool = False
@@ -131,7 +131,10 @@ def generate_samples(model: str, prompts: list[str], seeds: list[int], cfg: Comp
         from tqdm.auto import tqdm
 
         gen = make_generator(spec, backend, _backend_options(cfg))
+        # llama.cpp refills a finished sequence's slot at once, so it gets several batches'
+        # worth per call; the cache is still written after every call.
         chunk = max(1, cfg.batch_size if backend == "transformers" else
+                    4 * cfg.batch_size if backend == "llamacpp" else
                     cfg.concurrency if backend in ("ollama", "openai") else 1)
         start = time.perf_counter()
         try:
