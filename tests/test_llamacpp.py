@@ -156,3 +156,26 @@ def test_context_manager_closes() -> None:
         assert len(model.token_logprobs(model.tokenize("Hello there, world"))) > 0
     with pytest.raises(TDRewardError, match="closed"):
         model.tokenize("Hello")
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"temperature": 1.0, "top_p": 0.9, "seed": 3}])
+def test_batched_generation_matches_one_at_a_time(llm: LlamaCppModel, kwargs: dict) -> None:
+    """Six prompts through two slots (finished sequences are replaced mid-batch) give each
+    prompt what it gets alone: seeds are per prompt, not per batch."""
+    prompts = ["The capital of France is", "Once upon a time", "In 1905, Einstein",
+               "The recipe calls for", "Rivers flow into", "My favourite colour is"]
+    batched = LlamaCppModel(llm.path, n_parallel=2)
+    try:
+        together = batched.generate(prompts, max_new_tokens=12, **kwargs)
+    finally:
+        batched.close()
+    alone = [llm.generate([p], max_new_tokens=12, seeds=[s], **kwargs)[0]
+             for p, s in zip(prompts, [(kwargs.get("seed", 0) + i) for i in range(6)])]
+    assert [r["prompt"] for r in together] == prompts
+    for a, b in zip(alone, together, strict=True):
+        assert a["tokens"] == b["tokens"] and a["text"] == b["text"]
+        np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=1e-3)
+    with pytest.raises(TDRewardError, match="seeds"):
+        llm.generate(prompts, seeds=[1])
+    with pytest.raises(TDRewardError, match="n_parallel"):
+        LlamaCppModel(llm.path, n_parallel=0)

@@ -62,6 +62,7 @@ class CompareConfig:
     timeout: float = 300.0
     retries: int = 3
     batch_size: int = 8  # generation (transformers batch, llama.cpp parallel sequences), scoring
+    threads: int | None = None  # llama.cpp threads; default half the CPUs
     openai_extra_body: dict = field(default_factory=dict)
     cache_dir: str | None = None  # default $TDREWARD_CACHE/generations
     no_cache: bool = False
@@ -107,7 +108,8 @@ def _backend_options(cfg: CompareConfig) -> BackendOptions:
     return BackendOptions(prompt_format=cfg.prompt_format, batch_size=cfg.batch_size,
                           ollama_host=cfg.ollama_host, pull=cfg.pull,
                           concurrency=cfg.concurrency, timeout=cfg.timeout, retries=cfg.retries,
-                          extra={"openai_extra_body": cfg.openai_extra_body})
+                          extra={"openai_extra_body": cfg.openai_extra_body}
+                          | ({"n_threads": cfg.threads} if cfg.threads else {}))
 
 
 def generate_samples(model: str, prompts: list[str], seeds: list[int], cfg: CompareConfig,
@@ -120,6 +122,8 @@ def generate_samples(model: str, prompts: list[str], seeds: list[int], cfg: Comp
                 "backend": backend, "prompt_format": cfg.prompt_format,
                 "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                 "top_p": cfg.top_p}
+    if backend == "llamacpp":  # sampled by tdreward (numpy), no longer by llama.cpp: new key
+        base_key["sampler"] = "tdreward-numpy-1"
     if spec.kind == "openai" and cfg.openai_extra_body:
         base_key["extra_body"] = cfg.openai_extra_body
     keys = [base_key | {"prompt": p, "seed": s} for p, s in zip(prompts, seeds)]

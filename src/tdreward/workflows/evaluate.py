@@ -46,6 +46,7 @@ class EvaluateConfig:
     backend: str = "auto"
     prompt_format: str = "auto"
     batch_size: int = 8
+    threads: int | None = None  # llama.cpp threads; default half the CPUs
     cache_dir: str | None = None
     no_cache: bool = False
     verbose: bool = False
@@ -81,8 +82,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         reward_model_path=cfg.reward_model_path, alpha=cfg.alpha, beta=cfg.beta,
         gamma=cfg.gamma, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         top_p=cfg.top_p, seed=cfg.seed, backend=cfg.backend, prompt_format=cfg.prompt_format,
-        batch_size=cfg.batch_size, cache_dir=cfg.cache_dir, no_cache=cfg.no_cache,
-        verbose=cfg.verbose)
+        batch_size=cfg.batch_size, threads=cfg.threads, cache_dir=cfg.cache_dir,
+        no_cache=cfg.no_cache, verbose=cfg.verbose)
     rm = load_scorer(ccfg)
     dataset_scores = {}
     for role, model in (("base", cfg.base_model), ("fine_tuned", cfg.fine_tuned_model)):
