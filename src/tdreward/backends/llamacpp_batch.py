@@ -1,8 +1,7 @@
 """Continuous-batching generation on llama.cpp's low-level API.
 
 llama-cpp-python's high-level `Llama.generate` decodes one sequence at a time through a Python
-sampling loop; on the embedded SmolLM2 that loop, not the model, sets the pace (35 tokens/s on
-one thread where one `llama_decode` per token alone gives 126). This module drives
+sampling loop; on the embedded SmolLM2 that loop, not the model, set the pace. This module drives
 `llama_decode` directly: up to `n_parallel` sequences share every decode call (each in its own
 KV-cache sequence), a finished sequence's slot is refilled with the next prompt at once, and
 tokens are sampled in numpy from the raw logits, which also give each token's log-prob.
@@ -101,7 +100,7 @@ def generate_batched(llama_cpp: Any, model: Any, vocab: Any, context_params: Any
                                     np.random.default_rng(seeds[i])))
                 n_fed += len(prompts[i])
             # llama.cpp splits a batch whose sequence ids are out of order into one micro-batch
-            # per sequence (measured: half the speed at 8 sequences), so keep them sorted.
+            # per sequence, which loses most of the gain of batching: keep them sorted.
             active.sort(key=lambda slot: slot.seq_id)
             n, outputs = 0, []
             for slot in active:
