@@ -61,16 +61,10 @@ def prepare(rm: TDRewardModel, data: dict, idx: torch.Tensor) -> dict:
 
 
 def mc_returns(d: dict, gamma: float, bootstrap: float) -> torch.Tensor:
-    """sum_k gamma^k r_{t+k} to the window's end, then the constant bootstrap: [B, T-1]."""
-    r, valid = d["r"], d["rmask"].bool()
-    n = r.shape[1]
-    G = torch.zeros_like(r)
-    nxt = torch.full((r.shape[0],), bootstrap)
-    for t in range(n - 1, -1, -1):
-        last = valid[:, t] & ~(valid[:, t + 1] if t + 1 < n else torch.zeros_like(valid[:, t]))
-        G[:, t] = r[:, t] + gamma * torch.where(last, torch.full_like(nxt, bootstrap), nxt)
-        nxt = G[:, t]
-    return G
+    """sum_k gamma^k r_{t+k} to the window's end, then the constant bootstrap: [B, T-1]
+    (the lambda = 1 return with a constant value)."""
+    constant = torch.full_like(d["trained"], bootstrap)
+    return lambda_returns(d["r"], constant, d["feats"].done, d["rmask"], gamma, 1.0)
 
 
 def measure(d: dict, values: torch.Tensor, gamma: float, lam: float, bootstrap: float) -> dict:

@@ -219,16 +219,14 @@ class LlamaCppModel:
         {"prompt", "text", "tokens", "logprobs"} per prompt; `logprobs` are the model's
         (untempered) log-probs of the generated tokens, the log-softmax of the raw logits.
         """
+        from tdreward.backends.generation import sample_seeds
         from tdreward.backends.llamacpp_batch import generate_batched
 
         if temperature < 0:
             raise TDRewardError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
         if not 0 < top_p <= 1:
             raise TDRewardError(f"top_p must be in (0, 1], got {top_p}")
-        if seeds is None:
-            seeds = [(seed + i) & 0x7FFFFFFF for i in range(len(prompts))]
-        if len(seeds) != len(prompts):
-            raise TDRewardError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        seeds = sample_seeds(len(prompts), seed, seeds)
         llm = self.llm
         tokenized, budgets = [], []
         for prompt in prompts:
@@ -244,7 +242,7 @@ class LlamaCppModel:
             tokenized.append(tokens)
             budgets.append(budget)
         outs = generate_batched(self._llama_cpp, llm.model, self._vocab, llm.context_params,
-                                tokenized, budgets, list(seeds), temperature, top_p,
+                                tokenized, budgets, seeds, temperature, top_p,
                                 self.n_parallel)
         results = []
         for prompt, ptoks, (tokens, logprobs) in zip(prompts, tokenized, outs, strict=True):

@@ -45,8 +45,7 @@ def sample_from_logits(logits: np.ndarray, temperature: float, top_p: float,
     if temperature == 0:
         token = int(np.argmax(logits))
     else:
-        z = shifted.astype(np.float64) / temperature
-        p = np.exp(z - z.max())
+        p = np.exp(shifted.astype(np.float64) / temperature)  # the peak is at 0: no overflow
         p /= p.sum()
         if top_p < 1.0:
             order = np.argsort(-p, kind="stable")
