@@ -2,9 +2,10 @@
 
     python benchmarks/bench_score.py [--models embedded:smollm2-135m-instruct embedded:gemma3-270m]
                                      [--batch 8] [--length 256] [--json out.json]
+                                     [--corpus ../shared/data/wikitext-2/wiki.test.dev.raw]
 
-For each model, on a batch of `batch` x `length` tokens of WikiText (the shared test corpus
-when present, else the model's own text generated from a fixed seed) it prints:
+For each model, on a batch of `batch` x `length` tokens of WikiText (`--corpus`; by default the
+12 articles shipped in data/wikitext-2/) it prints:
 
 1. tokens/s of TD scoring (`TDRewardModel.score_batch`: LM forward + chunked log p / entropy
    + c + belief filter + value + delta) against a bare forward of the same model on the same
@@ -30,15 +31,14 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-CORPUS = HERE.parent.parent / "shared" / "data" / "wikitext-2" / "wiki.test.dev.raw"
+CORPUS = HERE.parent / "data" / "wikitext-2" / "wiki.test.small.raw"
 
 
 def make_batch(tok, batch: int, length: int) -> torch.Tensor:
-    text = CORPUS.read_text(encoding="utf-8") if CORPUS.is_file() else None
-    if text is None:
-        torch.manual_seed(0)
-        return torch.randint(100, len(tok) - 1, (batch, length))
+    text = CORPUS.read_text(encoding="utf-8")
     ids = tok(text[:400_000], add_special_tokens=False)["input_ids"]
+    if len(ids) < batch * length:
+        raise SystemExit(f"{CORPUS} has {len(ids)} tokens, fewer than --batch x --length")
     rows = [ids[i * length : (i + 1) * length] for i in range(batch)]
     return torch.tensor(rows)
 
@@ -99,7 +99,7 @@ def memory_probe(spec: str, mode: str, batch: int, length: int) -> None:
 def measure_memory(spec: str, mode: str, batch: int, length: int) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--_memory_probe", spec, mode, "--batch", str(batch),
-         "--length", str(length)], capture_output=True, text=True, check=True,
+         "--length", str(length), "--corpus", str(CORPUS)], capture_output=True, text=True, check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -166,10 +166,15 @@ def main() -> None:
     ap.add_argument("--per_position_rows", type=int, default=1)
     ap.add_argument("--per_position_every", type=int, default=4)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--corpus", type=Path, default=CORPUS,
+                    help="WikiText raw file to take the batch from (default: the shipped 12 "
+                    "articles; ../shared/data/wikitext-2/wiki.test.dev.raw where present)")
     ap.add_argument("--memory_only", action="store_true",
                     help="only the memory comparison (timings need a quiet machine)")
     ap.add_argument("--_memory_probe", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global CORPUS
+    CORPUS = args.corpus
     if args._memory_probe:
         memory_probe(*args._memory_probe, args.batch, args.length)
         return

@@ -1,7 +1,7 @@
 """Can any critic meet both goals of train-critic? The TD fixed points of linear value families.
 
     tdreward train-critic --base_model embedded:smollm2-135m-instruct \\
-        --dataset ../shared/data/wikitext-2/wiki.test.dev.raw --max_tokens 20000 --output_dir D
+        --dataset data/wikitext-2/wiki.test.small.raw --max_tokens 20000 --output_dir D
     python benchmarks/critic_fixed_points.py D [--json out.json]
 
 Reads the reward model and the LM-feature cache that train-critic left in D, keeps its

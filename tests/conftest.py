@@ -9,7 +9,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2" / "wiki.test.dev.raw"
+# 12 WikiText-2 test articles shipped with the repository (data/README.md: source, licence).
+WIKITEXT = REPO / "data" / "wikitext-2" / "wiki.test.small.raw"
 EMBEDDED = "embedded:smollm2-135m-instruct"
 
 # Tests never reach a hub: everything comes from packages, the cache or tmp files.

@@ -38,7 +38,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def wiki_text() -> str:
     """A few paragraphs from the middle of a long real WikiText article."""
-    assert WIKITEXT.is_file(), f"WikiText dev split not found at {WIKITEXT}"
     raw = WIKITEXT.read_text(encoding="utf-8")
     heading = re.compile(r"^ = [^=].* = $")
     bodies, cur = [], []

@@ -20,7 +20,7 @@ from tdreward.backends.llamacpp import LlamaCppModel  # noqa: E402
 pytestmark = pytest.mark.integration
 
 SPEC = "embedded:smollm2-135m-instruct"
-WIKITEXT_DEV = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2/wiki.test.dev.raw"
+WIKITEXT_DEV = Path(__file__).resolve().parents[1] / "data/wikitext-2/wiki.test.small.raw"
 N_TOKENS = 320
 
 
@@ -51,7 +51,6 @@ def hf_model():
 @pytest.fixture(scope="module")
 def wiki_ids(hf_model) -> list[int]:
     """A few hundred token ids from the middle of a long real WikiText article."""
-    assert WIKITEXT_DEV.is_file(), f"WikiText dev split not found at {WIKITEXT_DEV}"
     _, tok = hf_model
     bodies = [
         b
