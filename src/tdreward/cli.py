@@ -20,20 +20,32 @@ from tdreward.errors import TDRewardError
 log = logging.getLogger("tdreward")
 
 
-def _common() -> argparse.ArgumentParser:
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `tdreward: error: ...`, exit 2 (subparsers inherit it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"tdreward: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _common(suppress: bool = False) -> argparse.ArgumentParser:
+    """--verbose and --debug. Subcommands get them with suppressed defaults, so that
+    `tdreward --debug score ...` is not reset by the subcommand's own default."""
+    default = argparse.SUPPRESS if suppress else False
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--verbose", "-v", action="store_true", help="print timings and progress")
-    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    p.add_argument("--verbose", "-v", action="store_true", default=default,
+                   help="print timings and progress")
+    p.add_argument("--debug", action="store_true", default=default,
+                   help="show tracebacks on errors")
     return p
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = _common()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tdreward",
         description="A prospective, token-level TD reward for language models.",
-        parents=[common],
+        parents=[_common()],
     )
+    common = _common(suppress=True)
     parser.add_argument("--version", action="version", version=f"tdreward {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in command_modules():

@@ -1,4 +1,4 @@
-"""One model-spec string everywhere (DESIGN §3).
+"""One model-spec string everywhere (docs/design.md §3).
 
     gpt2, org/name, ./dir         transformers (hub id or local directory)
     gguf:PATH                     transformers, GGUF dequantised (cached as safetensors)
@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tdreward.errors import TDRewardError
+
+# The reference LM and policy when none is named: small, instruction-tuned, shipped on PyPI.
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
 KINDS = ("hf", "gguf", "llamacpp", "embedded", "ollama", "openai")
 _PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9_-]*):(.*)$")

@@ -12,7 +12,9 @@ import importlib
 import pkgutil
 from types import ModuleType
 
-DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+from tdreward.specs import DEFAULT_MODEL
+
+__all__ = ["DEFAULT_MODEL", "flag", "reward_flags", "command_modules"]
 
 
 def flag(p: argparse.ArgumentParser, name: str, *args, **kw) -> None:

@@ -1,4 +1,4 @@
-"""The reward core: pure torch, no I/O (DESIGN §2)."""
+"""The reward core: pure torch, no I/O (docs/design.md §2)."""
 
 from tdreward.reward.belief import (
     STATE_REGISTRY,

@@ -1,4 +1,4 @@
-"""State representations for the critic (DESIGN §2.2), behind one interface and a registry.
+"""State representations for the critic (docs/design.md §2.2), behind one interface and a registry.
 
 A state model maps the observation sequence [B, T, D] (projected hidden state plus the scalar
 reward features known at step t) to a state sequence [B, T, S]. `belief`, the default, is the

@@ -5,23 +5,32 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from tdreward.validation import validate
+
+# Ranges of the settings: each is checked when a config is built (tdreward.validation).
+RULES = {
+    "gamma": "[0, 1]", "lam": "[0, 1)", "tau": ">0", "td_lambda": "[0, 1]", "hazard": "(0, 1)",
+    "n_belief_states": ">=1", "csc_bins": ">=1", "csc_threshold": ">0", "proj_dim": ">=1",
+    "hidden_dim": ">=1", "context_timescales": ">0", "logit_tile_elems": ">=1",
+}
+
 
 @dataclass
 class RewardConfig:
-    # Immediate reward r_t = log p(x_{t+1}) - alpha * c_t + beta * H_t  (DESIGN §2.1)
+    # Immediate reward r_t = log p(x_{t+1}) - alpha * c_t + beta * H_t  (docs/design.md §2.1)
     alpha: float = 0.1  # weight of the retrospective-association penalty c_t
     beta: float = 0.01  # weight of the exploration bonus (predictive entropy, nats)
     gamma: float = 0.99  # TD discount
     tau: float = 32.0  # decay (tokens) of the eligibility traces behind c_t
     lam: float = 0.5  # mixture weight of the trace distribution in c_t
-    # State representation (DESIGN §2.2): a name in the belief registry
+    # State representation (docs/design.md §2.2): a name in the belief registry
     state: str = "belief"
     n_belief_states: int = 2
     belief_state_names: list[str] = field(default_factory=lambda: ["wait", "pre_transition"])
     hazard: float = 0.05  # initial P(wait -> pre_transition) per token
     csc_bins: int = 16  # bins of the complete-serial-compound clock
     csc_threshold: float = 6.0  # surprisal (nats) of an observed token that resets the clock
-    # Critic heads (DESIGN §2.3)
+    # Critic heads (docs/design.md §2.3)
     proj_dim: int = 32
     hidden_dim: int = 64
     # Slow context for V: causal moving averages of the observation features (surprisal,
@@ -30,7 +39,7 @@ class RewardConfig:
     # which one token's hidden state does not say.
     context_timescales: list[float] = field(default_factory=lambda: [10.0, 100.0, 1000.0])
     value_uses_hidden: bool = True  # V also sees proj(h_t) (not only belief + context)
-    # TD(lambda) for learning the critic (DESIGN §2.4)
+    # TD(lambda) for learning the critic (docs/design.md §2.4)
     td_lambda: float = 0.9
     # Floats per tile (rows x vocabulary slice) when turning hidden states into log-probs and
     # entropies: bounds memory to a few such tiles instead of batch x length x vocab; 2M
@@ -38,12 +47,7 @@ class RewardConfig:
     logit_tile_elems: int = 1 << 21
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
-        if not 0.0 <= self.lam < 1.0:
-            raise ValueError(f"lam must be in [0, 1), got {self.lam}")
-        if self.tau <= 0:
-            raise ValueError(f"tau must be positive, got {self.tau}")
+        validate(self, RULES, {"lam": "the reward's lam (trace mixture weight)"})
         if self.state == "belief" and len(self.belief_state_names) != self.n_belief_states:
             self.belief_state_names = (
                 ["wait", "pre_transition"]

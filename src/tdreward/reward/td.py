@@ -1,4 +1,4 @@
-"""TD errors and returns (DESIGN §2.3, §2.4). Pure torch, all positions at once.
+"""TD errors and returns (docs/design.md §2.3, §2.4). Pure torch, all positions at once.
 
 Conventions: T states s_0..s_{T-1} (one per token); T-1 rewards r_0..r_{T-2}, r_t earned on
 seeing x_{t+1}. `done` [B, T] marks terminal states (real end of a document, or EOS): their

@@ -1,4 +1,4 @@
-"""The immediate-reward terms of DESIGN §2.1, for all positions at once.
+"""The immediate-reward terms of docs/design.md §2.1, for all positions at once.
 
 Pure torch. Shapes: B texts, T tokens, V vocabulary, D hidden size. Position t predicts token
 t+1, so per-prediction tensors have T-1 columns (the last token has no target).
@@ -105,7 +105,7 @@ def retrospective_association(
     lam: float,
     query_chunk: int = 2048,
 ) -> Tensor:
-    """c_t of DESIGN §2.1 for the outcome x_{t+1} of every position t.
+    """c_t of docs/design.md §2.1 for the outcome x_{t+1} of every position t.
 
     E_t(v) = sum_{s<=t, x_s=v} exp(-(t-s)/tau); q_t = E_t / sum_u E_t(u);
     c_t = log((1-lam) p0(x_{t+1}) + lam q_t(x_{t+1})) - log p0(x_{t+1}).

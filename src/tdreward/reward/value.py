@@ -1,4 +1,4 @@
-"""The value function V(s_t) = MLP([proj(h_t); b_t]) (DESIGN §2.3)."""
+"""The value function V(s_t) = MLP([proj(h_t); b_t]) (docs/design.md §2.3)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,67 @@
+"""A LoRA adapter directory used wherever a model is named: its base loaded, the adapter merged.
+
+`tdreward lora` and `tdreward train --use_lora` save adapters (adapter_config.json, no
+config.json). Every command that loads a model by spec accepts such a directory, so
+`export --model_path OUT/model_epoch_1` and `ollama --action create` work without a merge step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from tdreward.errors import TDRewardError
+
+log = logging.getLogger("tdreward")
+
+ADAPTER_CONFIG = "adapter_config.json"
+# Where our trainers record the model spec the adapter was trained on (PEFT's own
+# base_model_name_or_path is the folder transformers loaded, often a cache path).
+BASE_RECORDS = ("tdreward_lora.json", "ppo_training.json")
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
+
+
+def adapter_base_model(path: Path) -> str | None:
+    """The spec of the model an adapter was trained on: our record, else PEFT's."""
+    for name in (*BASE_RECORDS, ADAPTER_CONFIG):
+        record = path / name
+        if not record.is_file():
+            continue
+        try:
+            meta = json.loads(record.read_text())
+        except (OSError, ValueError) as e:
+            raise TDRewardError(f"{record} is not valid JSON ({e}); the adapter is damaged") from e
+        base = meta.get("base_model") or meta.get("base_model_name_or_path")
+        if base:
+            return str(base)
+    return None
+
+
+def load_merged_adapter(path: Path, load_base):
+    """(model, tokenizer): the adapter's base loaded by `load_base(spec)`, the adapter merged
+    into it, the adapter's own tokenizer when it saved one."""
+    from tdreward.backends.hf import import_peft
+
+    import_peft()  # first: keeps bitsandbytes' 4-bit kernel notice out of the output
+    from peft import PeftModel
+
+    base = adapter_base_model(path)
+    if not base:
+        raise TDRewardError(f"{path} is a LoRA adapter whose base model is not recorded; merge "
+                            "it with `tdreward lora --merge` or export with --adapter")
+    log.info("%s is a LoRA adapter: loading its base %s and merging it", path, base)
+    model, tok = load_base(base)
+    try:
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    except (ValueError, RuntimeError, KeyError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TDRewardError(f"cannot apply adapter {path} to its base {base}: {first}") from e
+    if (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path))
+    return model.eval(), tok
