@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,26 @@ EMBEDDED = "embedded:smollm2-135m-instruct"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300,
+            cwd: str | os.PathLike | None = None, stdin: str | None = None
+            ) -> subprocess.CompletedProcess:
+    """`tdreward ARGS` as a user runs it: a real subprocess."""
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "tdreward.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=e, cwd=cwd,
+                          input=stdin if stdin is not None else "")
+
+
+def assert_one_line_error(p: subprocess.CompletedProcess, *words: str) -> None:
+    """Bad input: exit code 2 and exactly one line on stderr, `tdreward: error: ...`, holding
+    each of `words`."""
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, (p.returncode, p.stderr)
+    assert len(lines) == 1 and lines[0].startswith("tdreward: error:"), p.stderr
+    for w in words:
+        assert w in lines[0], p.stderr
 
 
 @pytest.fixture(scope="session")

@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import EMBEDDED
+from conftest import EMBEDDED, assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.integration
 
 
 def run(*args: str, env: dict | None = None, timeout: float = 300):
-    e = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "tdreward.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env=e)
-
-
-def assert_one_line_error(p: subprocess.CompletedProcess, *words: str) -> None:
-    assert p.returncode != 0
-    assert "Traceback" not in p.stderr
-    errors = [line for line in p.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, p.stderr
-    for w in words:
-        assert w in errors[0], p.stderr
+    return run_cli(*args, env=env, timeout=timeout)
 
 
 def test_version_help_and_models():
@@ -46,14 +32,19 @@ def test_score_json_html_plot(tmp_path, smollm2):
             str(tmp_path / "t.html"), "--plot", str(tmp_path / "t.png"))
     assert p.returncode == 0, p.stderr
     assert "untrained" in p.stderr  # no critic given: says V and delta are not meaningful yet
+    # The table names each text by its first words (both start alike: numbered), in full
+    # although stdout is a pipe.
+    assert "The rat pressed… (1)" in p.stdout and "The rat pressed… (2)" in p.stdout
     doc = json.loads(out.read_text())
     assert doc["model"] == EMBEDDED
     ta, tb = doc["texts"]
     assert set(ta["summary"]) >= {"td_reward", "mean_r", "return", "perplexity", "n_tokens"}
     tok = smollm2[1]
-    ids = tok(a)["input_ids"]
-    assert len(ta["tokens"]) == ta["summary"]["n_tokens"] == len(ids) - 1
-    assert [t["token"] for t in ta["tokens"]] == [tok.decode([i]) for i in ids[1:]]
+    # Every token is scored, the first too: texts are read after a prefix token (BOS, else
+    # EOS), as lm-evaluation-harness reads them.
+    ids = tok(a, add_special_tokens=False)["input_ids"]
+    assert len(ta["tokens"]) == ta["summary"]["n_tokens"] == len(ids)
+    assert [t["token"] for t in ta["tokens"]] == [tok.decode([i]) for i in ids]
     row = ta["tokens"][0]
     assert set(row) == {"token", "logp", "c", "H", "r", "V", "delta", "belief"}
     # The texts differ in one token: r differs there and nowhere before.

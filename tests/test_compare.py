@@ -95,8 +95,15 @@ def test_compare_cli_end_to_end(tmp_path, capsys) -> None:
     assert res["models"][SMOL]["prompt_format"] == "chat"  # instruct: its chat template
     assert res["models"][GEMMA]["prompt_format"] == "raw"  # base model: no template
     assert res["comparisons"][0]["a"] == SMOL and res["comparisons"][0]["b"] == GEMMA
+    # Both models answered the same (prompt, seed) samples: the difference is paired.
+    td = res["comparisons"][0]["td_reward"]
+    assert td["paired"] is True and td["n_pairs"] == 2
+    diffs = [b - a for a, b in zip(res["models"][SMOL]["rewards"],
+                                   res["models"][GEMMA]["rewards"])]
+    assert td["diff"] == pytest.approx(np.mean(diffs))
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "TD reward" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "TD reward" in printed and SMOL in printed and "(2 pairs)" in printed
 
 
 def test_generation_cache_resumes(rm, tmp_path) -> None:

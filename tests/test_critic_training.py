@@ -138,7 +138,7 @@ def test_empty_or_too_short_corpus_is_one_line_error(tiny_dir, tmp_path):
     for path, words in ((empty, "empty"), (short, "fewer than one window")):
         res = _cli("train-critic", "--base_model", str(tiny_dir), "--dataset", str(path),
                    "--output_dir", str(tmp_path / "out"))
-        assert res.returncode != 0
+        assert res.returncode == 2, res.stderr
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("tdreward: error:"), res.stderr
         assert words in lines[0], lines[0]

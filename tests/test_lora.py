@@ -249,6 +249,7 @@ def test_cli_lora_adapter_loads_merges_and_scores(tmp_path, smollm2, capsys):
     assert "untrained" in err and "adapter:" in stdout
     meta = json.loads((out / "tdreward_lora.json").read_text())
     assert meta["global_steps"] == 2 and meta["data"]["kind"] == "pairs"
+    assert f"on {meta['data']['examples']} prompt/completion pairs; LoRA on" in stdout
     assert meta["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                       "up_proj", "down_proj"]
     base, tok = load_model(EMBEDDED)  # a fresh copy: peft edits the model it wraps
@@ -262,11 +263,25 @@ def test_cli_lora_adapter_loads_merges_and_scores(tmp_path, smollm2, capsys):
         plain = smollm2[0](input_ids=ids).logits
     torch.testing.assert_close(a, b, atol=2e-3, rtol=1e-3)
     assert not torch.allclose(a, plain, atol=1e-4)  # the merged model is not the base
+    # The adapter folder itself names a model anywhere a spec goes: its recorded base with the
+    # adapter merged on the fly (export, ollama create, score).
+    on_the_fly, _ = load_model(str(out))
+    with torch.no_grad():
+        c = on_the_fly(input_ids=ids).logits
+    torch.testing.assert_close(c, b, atol=2e-3, rtol=1e-3)
     js = tmp_path / "s.json"
     rc, _, err = _cli(capsys, "score", "--model", str(out / "merged"),
                       "Dopamine signals prediction errors.", "--json", str(js))
     assert rc == 0, err
     assert json.loads(js.read_text())["texts"][0]["summary"]["n_tokens"] > 3
+
+
+def test_cli_8bit_offline_names_the_real_cause(tmp_path, capsys):
+    """An uncached hub model offline: the message says so, not "8-bit cannot run here"."""
+    rc, _, err = _cli(capsys, "lora", "--base_model", "no-such-org/no-such-model", "--use_8bit",
+                      "--dataset", str(SAMPLE), "--output_dir", str(tmp_path / "E"))
+    assert rc == 2
+    assert "not in the local Hugging Face cache" in err and "8-bit" not in err, err
 
 
 @pytest.mark.integration

@@ -255,6 +255,12 @@ def test_finetune_without_a_server_writes_gguf_and_modelfile(tiny_gguf, tmp_path
     comp = report["comparison"]
     assert comp["before"]["n"] == 2 and comp["after"]["n"] == 2
     assert "after - before" in captured.out or comp["difference"]["diff"] is None
+    # Before and after answered the same (prompt, seed) samples: paired unless a response
+    # left no scored token, and then results and output say so.
+    d = comp["difference"]
+    assert d["paired"] is True or d["unpaired_reason"]
+    said = f"; {d['n_pairs']} pairs)" if d["paired"] else "; unpaired ("
+    assert d["diff"] is None or said in captured.out
     # The fine-tuned GGUF is the merged model: llama.cpp agrees with transformers on it.
     import llama_cpp
     import numpy as np

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import EMBEDDED, make_tiny_lm
+from conftest import EMBEDDED, assert_one_line_error, make_tiny_lm
 from tdreward.errors import TDRewardError
 from tdreward.workflows.ppo import PPOConfig, gae, train_ppo, whiten
 from tdreward.workflows.ppo_checkpoint import flatten_optimizer, unflatten_optimizer
@@ -76,11 +76,7 @@ def metrics(out: Path) -> list[dict]:
 
 
 def one_line_error(p: subprocess.CompletedProcess, *words: str) -> None:
-    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
-    errors = [line for line in p.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, p.stderr
-    for w in words:
-        assert w in errors[0], p.stderr
+    assert_one_line_error(p, *words)
 
 
 # --------------------------------------------------------------------------- maths

@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from tdreward import __version__
 from tdreward.commands import command_modules
@@ -77,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The command line is an application: transformers' log chatter and advisory warnings stay
+    # off for its whole run. (Loading a model in a user's own process only silences them while
+    # it loads: backends.hf.quiet_loading.)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", module="transformers")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -6,7 +6,9 @@ tokenisation and batching, and saves/loads the critic (safetensors + config.json
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tdreward import __version__
@@ -22,10 +25,17 @@ from tdreward.reward.config import RewardConfig
 from tdreward.reward.critic import LMFeatures, TDCritic
 from tdreward.reward.lm import context_length, extract_features
 from tdreward.reward.td import discounted_return
+from tdreward.workflows.io import atomic_path, write_json
+
+log = logging.getLogger("tdreward")
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "critic.safetensors"
 FORMAT = "tdreward-critic"
+# The weights file's header holds the config too: one file, written in one atomic step, that
+# always describes the weights it carries (config.json is its readable copy).
+CONFIG_METADATA_KEY = "tdreward_config"
+_REQUIRED = ("base_model", "hidden_size", "vocab_size", "reward_config")
 
 
 @dataclass
@@ -55,7 +65,7 @@ class TextScore:
 
 
 class TDRewardModel:
-    """Reference LM + base rate p0 + belief-state model + value function (DESIGN §2)."""
+    """Reference LM + base rate p0 + belief-state model + value function (docs/design.md §2)."""
 
     def __init__(self, lm, tokenizer, critic: TDCritic, base_model: str, trained: bool = False):
         self.lm = lm
@@ -88,14 +98,21 @@ class TDRewardModel:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, base_model: str | None = None, lm=None,
-                        tokenizer=None, verbose: bool = False) -> TDRewardModel:
+                        tokenizer=None, verbose: bool = False,
+                        model_flag: str = "--base_model") -> TDRewardModel:
         """Load a saved reward model; `base_model` overrides the stored reference spec and
-        (lm, tokenizer) reuse an already loaded reference model."""
+        (lm, tokenizer) reuse an already loaded reference model. `model_flag` is the flag that
+        named `base_model`, for error messages."""
         path = Path(path)
         meta = read_critic_config(path)
-        cfg = RewardConfig.from_dict(meta["reward_config"])
+        try:
+            cfg = RewardConfig.from_dict(meta["reward_config"])
+        except (TypeError, ValueError, AttributeError) as e:
+            raise TDRewardError(f"{path / CONFIG_NAME} has an unusable reward_config "
+                                f"({_first_line(e)}); the critic is damaged") from e
         spec = base_model or meta["base_model"]
         if lm is None:
+            check_critic_fits(path, spec, model_flag)
             from tdreward.backends.hf import load_model
 
             lm, tokenizer = load_model(spec, verbose=verbose)
@@ -103,21 +120,38 @@ class TDRewardModel:
         if lm.config.hidden_size != critic.hidden_size:
             raise TDRewardError(
                 f"reward model {path} was trained on hidden size {critic.hidden_size}, "
-                f"but {spec} has {lm.config.hidden_size}: pass the matching --base_model"
+                f"but {spec} has {lm.config.hidden_size}: pass the matching {model_flag}"
             )
-        state = load_file(str(path / WEIGHTS_NAME))
+        weights = path / WEIGHTS_NAME
+        try:
+            state = load_file(str(weights))
+        except (SafetensorError, OSError) as e:
+            raise TDRewardError(f"{weights} is truncated or corrupt ({_first_line(e)}); "
+                                "copy or train the critic again") from e
         # Critics saved before the slow context existed lack its (identity) standardisation.
         for name in ("context_mean", "context_std"):
             state.setdefault(name, getattr(critic, name))
-        critic.load_state_dict(state)
+        try:
+            critic.load_state_dict(state)
+        except RuntimeError as e:  # missing, unexpected or mis-shaped tensors, one per line
+            what = " ".join(line.strip() for line in str(e).splitlines()[1:]) or _first_line(e)
+            raise TDRewardError(f"{weights} does not hold the critic {path / CONFIG_NAME} "
+                                f"describes ({what}); the critic is damaged") from e
         critic.eval()
         model = cls(lm, tokenizer, critic, spec, trained=bool(meta.get("trained")))
         model.training_info = meta.get("training", {})
         return model
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write critic.safetensors + config.json into `path`, each file atomically (temporary
-        file, then rename; the config last, so a reader never sees new config + old weights)."""
+        """Write critic.safetensors + config.json into `path`.
+
+        The weights file carries the config in its header: a complete, self-describing critic
+        written in one atomic step (a temporary file of this process, then a rename); config.json
+        follows the same way as its readable copy. A save cut short between the two renames
+        leaves new weights beside the previous config.json: `read_critic_config` uses the copy
+        in the weights and rewrites config.json, so config and weights never disagree when used.
+        (Renaming a whole folder into place is not an option: train-critic's output folder also
+        holds its feature cache, checkpoint and metrics.)"""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.critic.state_dict().items()}
@@ -132,16 +166,28 @@ class TDRewardModel:
             "training": self.training_info,
             "reward_config": self.config.to_dict(),
         }
-        tmp = path / f".{WEIGHTS_NAME}.tmp"
-        save_file(state, str(tmp))
-        os.replace(tmp, path / WEIGHTS_NAME)
-        tmp = path / f".{CONFIG_NAME}.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, path / CONFIG_NAME)
+        meta = json.loads(json.dumps(meta))  # as it reads back (tuples become lists)
+        with atomic_path(path / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={CONFIG_METADATA_KEY: json.dumps(meta)})
+        write_json(path / CONFIG_NAME, meta)
 
     # ----------------------------------------------------------------- scoring
+    @property
+    def prefix_token_id(self) -> int | None:
+        """The token every text is read after: BOS, else EOS (as lm-evaluation-harness does for
+        rolling log-likelihoods). So the first token of a text is scored too, from a context
+        that says only "a text starts here"."""
+        tok = self.tokenizer
+        return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
-        return [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+        """Token ids of each text, starting with the prefix token (the tokenizer's own BOS when
+        it adds one, else `prefix_token_id` put in front)."""
+        prefix = self.prefix_token_id
+        rows = [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+        if prefix is None:
+            return rows
+        return [r if r[:1] == [prefix] else [prefix, *r] for r in rows]
 
     def pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad token rows into (input_ids, attention_mask)."""
@@ -195,7 +241,8 @@ class TDRewardModel:
             texts[0], str) else self.encode(texts)
         for i, r in enumerate(rows):
             if len(r) < 2:
-                raise TDRewardError(f"text {i} has {len(r)} token(s): at least 2 are needed")
+                raise TDRewardError(f"text {i + 1} has {len(r)} token(s) with the prefix token: "
+                                    "at least 2 are needed (is it empty?)")
         window = max_length or context_length(self.lm)
         # Long rows are windowed one at a time; short ones share padded batches.
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
@@ -267,20 +314,96 @@ class TDRewardModel:
         return float(out["delta"][0, start : len(full) - 1].mean())
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True)  # NaN-safe equality of two configs
+
+
+def _weights_config(weights: Path) -> dict | None:
+    """The config stored in the weights file's header (None in critics saved before it was).
+    Reading the header also checks that the file is complete."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            text = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
+    except (SafetensorError, OSError) as e:
+        raise TDRewardError(f"{weights} is truncated or corrupt ({_first_line(e)}); "
+                            "copy or train the critic again") from e
+    if text is None:
+        return None
+    try:
+        stored = json.loads(text)
+    except ValueError as e:
+        raise TDRewardError(f"{weights} is corrupt (its stored config is not valid JSON); "
+                            "copy or train the critic again") from e
+    return stored if isinstance(stored, dict) else None
+
+
 def read_critic_config(path: Path) -> dict:
-    cfg_path = Path(path) / CONFIG_NAME
-    if not cfg_path.is_file() or not (Path(path) / WEIGHTS_NAME).is_file():
+    """The config of the critic in `path`, checked; one-line errors name the damaged file.
+
+    The copy in the weights file wins over config.json when both exist and differ (a save
+    interrupted between its two renames): config.json is then rewritten from it."""
+    path = Path(path)
+    cfg_path, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not cfg_path.is_file() or not weights.is_file():
         raise TDRewardError(
             f"{path} is not a tdreward reward model (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
             "create one with `tdreward train-critic`"
         )
+    stored = _weights_config(weights)
     try:
-        meta = json.loads(cfg_path.read_text())
-    except ValueError as e:
-        raise TDRewardError(f"{cfg_path} is not valid JSON: {e}") from e
-    if meta.get("format") != FORMAT:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        if stored is None:
+            raise TDRewardError(f"{cfg_path} is not valid JSON ({_first_line(e)}); copy or "
+                                "train the critic again") from e
+        meta = None
+    if stored is not None and _canonical(stored) != _canonical(meta):
+        log.warning("%s does not describe %s (a save cut short, or edited by hand); using the "
+                    "config stored in the weights and rewriting %s", cfg_path, WEIGHTS_NAME,
+                    CONFIG_NAME)
+        with contextlib.suppress(OSError):  # a read-only critic still loads
+            write_json(cfg_path, stored)
+        meta = stored
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise TDRewardError(f"{cfg_path} is not a tdreward reward model config")
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise TDRewardError(f"{cfg_path} lacks {', '.join(missing)}; the critic is damaged")
     return meta
+
+
+def check_critic_fits(path: str | os.PathLike, spec: str | None, flag: str) -> dict:
+    """Read the critic at `path` and fail before any model loads when the model named by `spec`
+    (None: the critic's own) cannot carry it: hidden size or vocabulary differ. The error names
+    the flag that chose the model. Returns the critic's config."""
+    from tdreward.backends.model_info import model_dims
+
+    meta = read_critic_config(Path(path))
+    if spec is None:
+        return meta
+    dims = model_dims(spec)
+    if dims is None:
+        return meta  # not readable without loading: checked after loading
+    want = (meta["hidden_size"], meta["vocab_size"])
+    if dims != want:
+        raise TDRewardError(
+            f"{flag} {spec} has hidden size {dims[0]} and vocabulary {dims[1]}, but the critic "
+            f"{path} was trained on {meta['base_model']} ({want[0]}, {want[1]}): give that model "
+            f"or one with the same dimensions (or leave {flag} out to use the critic's own)")
+    return meta
+
+
+def check_state_name(name: str) -> None:
+    from tdreward.reward.belief import STATE_REGISTRY
+
+    if name not in STATE_REGISTRY:
+        raise TDRewardError(f"--state must be one of {', '.join(sorted(STATE_REGISTRY))}, "
+                            f"got {name!r}")
 
 
 __all__ = ["TDRewardModel", "TextScore", "LMFeatures", "read_critic_config"]

@@ -85,17 +85,22 @@ def check_choice(flag: str, value, choices) -> None:
 
 # --------------------------------------------------------------------------- outputs
 def _probe_dir(directory: Path, flag: str, what: str) -> None:
-    """Create `directory` if needed and write (then remove) a probe file in it."""
+    """Check that `directory` exists as a writable folder or can be created, leaving nothing
+    behind: a probe file is written (and removed) in it or in its nearest existing ancestor."""
     if directory.exists() and not directory.is_dir():
-        raise TDRewardError(f"{flag}: {what} {directory} is a file, not a folder")
+        raise TDRewardError(f"{flag}: {what} {directory} is a file, not a directory")
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TDRewardError(f"{flag}: cannot create {directory}: {existing} is a file")
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".tdreward-probe.", dir=directory)
+        fd, probe = tempfile.mkstemp(prefix=".tdreward-probe.", dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
         raise TDRewardError(
-            f"{flag}: cannot write to {directory} ({e.strerror or type(e).__name__})") from e
+            f"{flag}: cannot write to {existing} ({e.strerror or type(e).__name__})") from e
 
 
 def check_output_dir(path: str | os.PathLike | None, flag: str) -> None:
@@ -110,5 +115,5 @@ def check_output_file(path: str | os.PathLike | None, flag: str) -> None:
         return
     p = Path(path).expanduser()
     if p.is_dir():
-        raise TDRewardError(f"{flag}: {p} is a folder; give a file name")
+        raise TDRewardError(f"{flag}: {p} is a directory; give a file name")
     _probe_dir(p.parent if str(p.parent) else Path("."), flag, "the folder of")

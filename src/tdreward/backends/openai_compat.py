@@ -3,17 +3,23 @@
 `openai:URL#MODEL` specs, e.g. `openai:http://127.0.0.1:8080/v1#smollm2`. Prompts go to
 `URL/completions` (raw text; `--prompt_format chat` uses `URL/chat/completions` and the server's
 chat template) with `max_tokens`, `temperature`, `top_p`, `seed` and `logprobs`; several requests
-are in flight at once (`concurrency`); connection errors, timeouts, 429 and 5xx answers are
-retried with exponential backoff (honouring Retry-After); every request has a timeout. A server
-that is down fails with one line naming the host. The API key, when the server wants one, comes
-from $OPENAI_API_KEY. Server-specific sampling fields (llama.cpp's `top_k`, `repeat_penalty`)
-go in `extra_body`.
+are in flight at once (`concurrency`); connection errors, timeouts, 408, 429, 502, 503, 504
+and a 500 without an error body are retried with exponential backoff (honouring Retry-After).
+An answer that carries the server's own error (any other 4xx, or a 500 with a JSON error, e.g.
+llama.cpp's) is deterministic: it fails at once with one line naming the server's message.
+Every request has a timeout. A server that is down fails with one line naming the host. The API
+key, when the server wants one (`tdreward serve --api_key`), comes from $OPENAI_API_KEY and is
+sent as `Authorization: Bearer KEY`. A server that cannot give log-probs of the generated
+tokens (llama.cpp's server without logits_all: `tdreward serve` without `--logprobs`) is asked
+again without them: the generations then have `logprobs=None` (a warning says so once).
+Server-specific sampling fields (llama.cpp's `top_k`, `repeat_penalty`) go in `extra_body`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,12 +39,23 @@ from tdreward.specs import ModelSpec
 
 log = logging.getLogger("tdreward")
 
-_RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+# Answers worth repeating: the server or a proxy may answer differently next time. A 500 is
+# retried only without an error body (see _transient): with one it is the server's verdict on
+# this request (llama.cpp answers every exception in a handler with a 500 and its message).
+_RETRY_STATUS = {408, 429, 502, 503, 504}
 _MAX_BACKOFF_S = 30.0
 
 
 class OpenAIServerError(TDRewardError):
-    """A request that failed for good (after its retries)."""
+    """A request that failed for good (after its retries); `status` and `detail` are the HTTP
+    status and the server's error message of the last answer (None when there was none:
+    connection error, timeout)."""
+
+    def __init__(self, message: str, status: int | None = None,
+                 detail: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = detail
 
 
 @register_backend("openai")
@@ -66,11 +83,14 @@ class OpenAICompatGenerator:
             limits=httpx.Limits(max_connections=self.concurrency),
         )
         self.logprobs_supported = True
+        self._logprobs_lock = threading.Lock()  # requests run in threads: warn once
         self._check_server()
 
     # --- HTTP --------------------------------------------------------------------------------
     def request(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
         """One request with retries and backoff; raises OpenAIServerError with one line."""
+        status: int | None = None
+        detail: str | None = None
         for attempt in range(self.retries + 1):
             wait = self.backoff * 2**attempt
             try:
@@ -85,21 +105,27 @@ class OpenAICompatGenerator:
             else:
                 if r.status_code < 400:
                     return r
-                problem = f"{self.url}{path} answered {r.status_code}: {_error_text(r)}"
-                if r.status_code not in _RETRY_STATUS:
-                    raise OpenAIServerError(problem)
+                status, detail = r.status_code, _error_text(r)
+                problem = f"{self.url}{path} answered {status}: {detail}"
+                if status in (401, 403):
+                    problem += ("; the API key in $OPENAI_API_KEY was refused"
+                                if "Authorization" in self.client.headers
+                                else "; set $OPENAI_API_KEY to the server's API key")
+                if not _transient(r):  # the same body would get the same answer
+                    raise OpenAIServerError(problem, status, detail)
                 wait = _retry_after(r, wait)
             if attempt < self.retries:
                 log.info("%s; retry %d/%d in %.1f s", problem, attempt + 1, self.retries, wait)
                 time.sleep(min(wait, _MAX_BACKOFF_S))
-        raise OpenAIServerError(problem + (f" (after {self.retries} retries)" if self.retries else ""))
+        raise OpenAIServerError(
+            problem + (f" (after {self.retries} retries)" if self.retries else ""), status, detail)
 
     def _check_server(self) -> None:
         """Fail fast when the server is down; warn when it does not list the model."""
         try:
             r = self.request("GET", "/models")
         except OpenAIServerError as e:
-            if "answered 404" in str(e):  # some servers do not list models
+            if e.status == 404:  # some servers do not list models
                 return
             raise
         try:
@@ -147,8 +173,19 @@ class OpenAICompatGenerator:
         try:
             r = self.request("POST", path, body)
         except OpenAIServerError as e:
-            if self.logprobs_supported and "answered 400" in str(e) and "logprob" in str(e):
-                self.logprobs_supported = False  # this server rejects log-probs: go without
+            # A server that cannot give log-probs says so in its error: llama.cpp's server
+            # built without logits_all answers 500 "logprobs is not supported for models
+            # created with logits_all=False", others 400. The text does not need them (they
+            # only fill gen_mean_logprob), so ask again without, and say so once.
+            if body.get("logprobs") is not None and e.status in (400, 422, 500) \
+                    and "logprob" in (e.detail or "").lower():
+                with self._logprobs_lock:
+                    if self.logprobs_supported:
+                        self.logprobs_supported = False
+                        log.warning("%s gives no log-probs of generated tokens (%s); generating "
+                                    "without them (gen_mean_logprob stays empty; "
+                                    "`tdreward serve --logprobs` serves them)",
+                                    self.url, e.detail)
                 return self._one(prompt, seed, max_new_tokens, temperature, top_p)
             raise
         try:
@@ -198,6 +235,21 @@ def _error_text(r: httpx.Response) -> str:
         err = r.text
     text = " ".join(str(err).split())
     return text[:200] or r.reason_phrase
+
+
+def _transient(r: httpx.Response) -> bool:
+    """Whether repeating the same request may get another answer."""
+    if r.status_code in _RETRY_STATUS:
+        return True
+    if r.status_code != 500:
+        return False
+    # A 500 that carries an OpenAI-style error object is the server's answer to this request
+    # (llama.cpp's, vLLM's); a bare 500 (a proxy, a crash while answering) may pass next time.
+    try:
+        err = r.json().get("error")
+    except (ValueError, AttributeError):
+        return True
+    return not err
 
 
 def _retry_after(r: httpx.Response, default: float) -> float:

@@ -174,14 +174,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from tdreward.display import fmt_num, print_table
+
     table = Table(title=f"{args.dataset}: scored by each model's own predictions")
     for col in ("model", "perplexity", "bits/byte", "mean r", "TD reward", "critic"):
-        table.add_column(col, justify="left" if col == "model" else "right")
+        table.add_column(col, justify="left" if col == "model" else "right",
+                         overflow="fold" if col == "model" else "ellipsis")
     for role, s in results["dataset_scores"].items():
-        table.add_row(f"{role}: {s['model']}", f"{s['perplexity']:.2f}",
-                      f"{s['bits_per_byte']:.3f}", f"{s['mean_r']:.4f}",
-                      f"{s['td_reward']:.4f}", s["critic"])
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+        table.add_row(f"{role}: {s['model']}", fmt_num(s["perplexity"], ".2f"),
+                      fmt_num(s["bits_per_byte"], ".3f"), fmt_num(s["mean_r"], ".4f"),
+                      fmt_num(s["td_reward"], ".4f"), s["critic"])
+    print_table(table, Console(width=None if sys.stdout.isatty() else 160))
     print_results(results, samples=2)
     return 0
 
@@ -190,30 +193,35 @@ def print_results(results: dict, samples: int = 0) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from tdreward.workflows.report import SUMMARY_HEADER, summary_rows
+    from tdreward.display import fmt_num, print_table
+    from tdreward.workflows.report import SUMMARY_HEADER, pairing, summary_rows
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     rm = results["reward_model"]
     table = Table(title=f"TD reward of the responses (reward model {rm['base_model']}"
                   + ("" if rm["trained"] else ", untrained critic") + ")")
     for col in SUMMARY_HEADER:
-        table.add_column(col, justify="left" if col in ("model", "prompt") else "right")
+        table.add_column(col, justify="left" if col in ("model", "prompt") else "right",
+                         overflow="fold" if col == "model" else "ellipsis")
     for row in summary_rows(results):
         table.add_row(*row)
-    console.print(table)
+    print_table(table, console)
     for c in results.get("comparisons", []):
         td, w = c["td_reward"], c["words"]
-        console.print(f"{c['b']} - {c['a']}: TD reward {td['diff']:+.4f} "
-                      f"[{td['ci95'][0]:+.4f}, {td['ci95'][1]:+.4f}], response words "
-                      f"{w['diff']:+.1f} [{w['ci95'][0]:+.1f}, {w['ci95'][1]:+.1f}]",
-                      highlight=False)
+        console.print(f"{c['b']} - {c['a']}: TD reward {fmt_num(td['diff'], '+.4f')} "
+                      f"[{fmt_num(td['ci95'][0], '+.4f')}, {fmt_num(td['ci95'][1], '+.4f')}], "
+                      f"response words {fmt_num(w['diff'], '+.1f')} "
+                      f"[{fmt_num(w['ci95'][0], '+.1f')}, {fmt_num(w['ci95'][1], '+.1f')}] "
+                      f"({pairing(td)})", highlight=False, markup=False)
     for m, v in (results.get("self_scores") or {}).get("models", {}).items():
         if "skipped" in v:
             console.print(f"self-score {m}: skipped ({v['skipped']})", highlight=False)
         else:
-            console.print(f"self-score {m}: perplexity {v['perplexity']:.2f}, bits/byte "
-                          f"{v['bits_per_byte']:.3f}, mean r {v['mean_r']:.4f}, TD reward "
-                          f"{v['td_reward']:.4f} ({v['critic']} critic)", highlight=False)
+            console.print(f"self-score {m}: perplexity {fmt_num(v['perplexity'], '.2f')}, "
+                          f"bits/byte {fmt_num(v['bits_per_byte'], '.3f')}, mean r "
+                          f"{fmt_num(v['mean_r'], '.4f')}, TD reward "
+                          f"{fmt_num(v['td_reward'], '.4f')} ({v['critic']} critic)",
+                          highlight=False)
     for m, r in results["models"].items():
         for s in r["samples"][:samples]:
             console.print(f"[{m}] {s['prompt']!r} -> {s['response'][:200]!r}", highlight=False,

@@ -74,6 +74,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tdreward.workflows.lora import LoraTrainingConfig, run_lora
+    from tdreward.workflows.lora_setup import describe_examples
 
     targets = None
     if args.target_modules:
@@ -96,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     m = run_lora(cfg)
     b, a = m["before"], m["after"]
     print(f"trained {m['global_steps']} steps in {m['train_wall_s']:.1f} s on "
-          f"{m['data']['examples']} {m['data']['kind']} examples; LoRA on "
+          f"{describe_examples(m['data']['examples'], m['data']['kind'])}; LoRA on "
           f"{', '.join(m['target_modules'])}")
     if b and a:
         line = f"training-set loss (plain CE) {b['sft_loss']:.4f} -> {a['sft_loss']:.4f}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 ORDER = 0
@@ -19,17 +18,17 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from tdreward.backends import embedded
+    from tdreward.display import print_table
     from tdreward.specs import SPEC_SYNTAX
 
     table = Table(title="Embedded models (offline, shipped as PyPI packages)")
     for col in ("spec", "description", "installed", "cached", "package"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold" if col in ("spec", "package") else "ellipsis")
     for m in embedded.EMBEDDED.values():
         installed = embedded.is_installed(m.name)
         table.add_row(f"embedded:{m.name}", m.description, "yes" if installed else "no",
                       "yes" if installed and _is_cached(m.name) else "no", m.package)
-    console = Console(width=None if sys.stdout.isatty() else 120)
-    console.print(table)
+    console = print_table(table, Console(width=None if sys.stdout.isatty() else 120))
     console.print(f"Cache: {embedded.cache_dir()}  (set TDREWARD_CACHE to move it)")
     console.print("Model specs:\n" + SPEC_SYNTAX, markup=False, highlight=False)
     return 0
@@ -37,13 +36,12 @@ def run(args: argparse.Namespace) -> int:
 
 def _is_cached(name: str) -> bool:
     from tdreward.backends.embedded import EMBEDDED, cache_dir
+    from tdreward.cache_files import read_json_dict
 
     # The cache is keyed by content hash; the hash index maps files to keys.
     index = cache_dir() / "models" / "hashes.json"
-    if not index.is_file():
-        return False
     filename = EMBEDDED[name].filename
-    for key, digest in json.loads(index.read_text()).items():
-        if key.split("|")[0].endswith(filename):
+    for key, digest in read_json_dict(index).items():  # a damaged index reads as empty
+        if key.split("|")[0].endswith(filename) and isinstance(digest, str):
             return (cache_dir() / "models" / digest[:24] / "config.json").is_file()
     return False

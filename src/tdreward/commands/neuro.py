@@ -23,13 +23,14 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tdreward.display import fmt_num
     from tdreward.neuro import run_neuro
 
     res = run_neuro(args.condition, args.model, trials=args.trials, seeds=args.seeds,
                     output_dir=args.output_dir, progress=True)
     print("cue RPE at odour A (normalised to the end of conditioning), mean over seeds:")
     for model in res["models"]:
-        row = ", ".join(f"{c} {res['results'][c][model]['cue_rpe_normalized']['mean']:.3f}"
+        row = ", ".join(f"{c} {fmt_num(res['results'][c][model]['cue_rpe_normalized']['mean'], '.3f')}"
                         for c in res["conditions"])
         print(f"  {model:12s} {row}")
     print(f"results: {res['results_json']}\nfigure: {res['figure']}")

@@ -7,9 +7,13 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tdreward.commands import DEFAULT_MODEL, flag, reward_flags
 from tdreward.errors import TDRewardError
+
+if TYPE_CHECKING:
+    from tdreward.reward_model import TextScore
 
 ORDER = 10
 log = logging.getLogger("tdreward")
@@ -20,7 +24,8 @@ def register(sub, common: argparse.ArgumentParser) -> None:
                        description="Score texts with the TD reward: a per-token trace and a "
                        "summary (td_reward, mean_r, return, perplexity, n_tokens).")
     p.add_argument("text", nargs="*", help="text(s) to score")
-    flag(p, "--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL})")
+    flag(p, "--model", help=f"model spec (default: the critic's base model with "
+         f"--reward_model_path, else {DEFAULT_MODEL})")
     p.add_argument("--file", action="append", default=[], help="score a file's text (repeatable)")
     reward_flags(p)
     p.add_argument("--state", help="state model of an untrained critic: belief, csc, hidden")
@@ -37,61 +42,81 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     p.set_defaults(func=run)
 
 
-def read_texts(args: argparse.Namespace) -> list[str]:
+def read_texts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The texts to score and their names: a file's name for --file F, else the text's
+    first words (tdreward.display.text_name)."""
     from tdreward.data.corpus import read_text_file
+    from tdreward.display import text_name
 
-    texts = list(args.text)
+    named = [(t, text_name(t)) for t in args.text]
     for f in args.file:
-        texts.append(read_text_file(Path(f)))
-    if not texts and not sys.stdin.isatty():
-        texts.append(sys.stdin.read())
-    texts = [t for t in texts if t.strip()]
-    if not texts:
+        named.append((read_text_file(Path(f)), Path(f).name))
+    if not named and not sys.stdin.isatty():
+        text = sys.stdin.read()
+        named.append((text, text_name(text)))
+    named = [(t, n) for t, n in named if t.strip()]
+    if not named:
         raise TDRewardError("nothing to score: give TEXT, --file F, or pipe text on stdin")
-    return texts
+    names = [n for _, n in named]
+    # Texts that start alike (or files of one name in two folders) would share a name: add
+    # each one's place on the command line so that every row names one text.
+    names = [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
+    return [t for t, _ in named], names
 
 
 def run(args: argparse.Namespace) -> int:
+    from tdreward.validation import check_output_file
     from tdreward.workflows import score as wf
 
-    texts = read_texts(args)
     opts = wf.ScoreOptions(
         model=args.model, reward_model_path=args.reward_model_path, batch_size=args.batch_size,
         max_length=args.max_length, stride=args.stride, alpha=args.alpha, beta=args.beta,
         gamma=args.gamma, state=args.state, terminal_at_end=args.terminal_at_end,
         verbose=args.verbose,
     )
+    for name in ("json", "html", "plot"):
+        check_output_file(getattr(args, name), f"--{name}")
+    texts, names = read_texts(args)
     model = wf.load_reward_model(opts)
     start = time.perf_counter()
     scores = wf.score_texts(model, texts, opts)
     n = sum(s.summary["n_tokens"] for s in scores)
     log.info("scored %d tokens in %.2f s", n, time.perf_counter() - start)
-    wf.save_outputs(model, scores, args.json, args.html, args.plot)
-    print_scores(scores, args.trace)
+    wf.save_outputs(model, scores, args.json, args.html, args.plot, names)
+    print_scores(scores, args.trace, names)
     for kind, path in (("JSON", args.json), ("HTML", args.html), ("plot", args.plot)):
         if path:
             print(f"{kind}: {path}")
     return 0
 
 
-def print_scores(scores, show_trace: bool) -> None:
+def print_scores(scores: list[TextScore], show_trace: bool,
+                 names: list[str] | None = None) -> None:
+    """The summary table, a row per text named by `names` (default 1, 2, ...), and with
+    show_trace each text's tokens coloured by delta."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
+    from tdreward.display import fmt_num, print_table
+
+    names = list(names or [])
+    names += [str(i + 1) for i in range(len(names), len(scores))]
     console = Console()
     table = Table(title="TD reward")
     for col in ("text", "td_reward", "mean_r", "return", "perplexity", "n_tokens"):
-        table.add_column(col, justify="right" if col != "text" else "left")
-    for i, s in enumerate(scores):
+        table.add_column(col, justify="right" if col != "text" else "left",
+                         overflow="fold" if col == "text" else "ellipsis")
+    for name, s in zip(names, scores):
         m = s.summary
-        table.add_row(str(i + 1), f"{m['td_reward']:.4f}", f"{m['mean_r']:.4f}",
-                      f"{m['return']:.3f}", f"{m['perplexity']:.2f}", str(m["n_tokens"]))
-    console.print(table)
+        table.add_row(name, fmt_num(m["td_reward"], ".4f"), fmt_num(m["mean_r"], ".4f"),
+                      fmt_num(m["return"], ".3f"), fmt_num(m["perplexity"], ".2f"),
+                      str(m["n_tokens"]))
+    print_table(table, console)
     if show_trace:
-        for i, s in enumerate(scores):
+        for name, s in zip(names, scores):
             scale = max((abs(d) for d in s.delta), default=1.0) or 1.0
-            line = Text(f"{i + 1}: ")
+            line = Text(f"{name}: ")
             for tok, d in zip(s.tokens, s.delta):
                 a = min(1.0, abs(d) / scale)
                 level = int(40 + 160 * a)

@@ -117,9 +117,12 @@ def run(args: argparse.Namespace) -> int:
 
     if PartialState().is_main_process and res.metrics:
         last = res.metrics[-1]
-        print(f"PPO: {last['step']} steps; last step: TD reward {last['reward']:.4f}, KL "
-              f"{last['kl']:.4f}, entropy {last['entropy']:.3f}, {last['tokens_per_s']:.1f} "
-              "tokens/s")
+        from tdreward.display import fmt_num
+
+        # The KL estimate and the reward can be a hair below zero: no "-0.0000".
+        print(f"PPO: {last['step']} steps; last step: TD reward "
+              f"{fmt_num(last['reward'], '.4f')}, KL {fmt_num(last['kl'], '.4f')}, entropy "
+              f"{last['entropy']:.3f}, {last['tokens_per_s']:.1f} tokens/s")
         print(f"outputs: {res.output_dir} (model_epoch_N/, reward_model_epoch_N/, "
               "metrics.jsonl, training_curve.png, checkpoints/)")
     return 0

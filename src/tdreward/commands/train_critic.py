@@ -45,10 +45,13 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, window=args.window, patience=args.patience,
         doc_end_terminal=args.doc_end_terminal,
     )
+    from tdreward.display import fmt_num
+
     m = train_critic(cfg)
     v, u = m["validation"], m["untrained_validation"]
     print(f"held-out TD error (mean square): {v['td_mse']:.3f} trained vs {u['td_mse']:.3f} "
           f"untrained (ratio {m['td_mse_ratio_vs_untrained']:.2f}); explained variance of "
-          f"the lambda-returns {v['explained_variance']:.3f}; best epoch {m['best_epoch']}")
+          f"the lambda-returns {fmt_num(v['explained_variance'], '.3f')}; best epoch "
+          f"{m['best_epoch']}")
     print(f"reward model: {args.output_dir} (metrics.json, learning_curve.png)")
     return 0

@@ -60,13 +60,13 @@ class TDRewardFunction:
     # ----------------------------------------------------------------- text handling
     def _prompt_ids(self, prompt) -> list[int]:
         tok = self.reward_model.tokenizer
-        if isinstance(prompt, str):
-            return tok(prompt, add_special_tokens=True)["input_ids"]
+        if isinstance(prompt, str):  # read after the prefix token, as `tdreward score` reads
+            return self.reward_model.encode([prompt])[0]
         if getattr(tok, "chat_template", None):  # conversational: a list of messages
             text = tok.apply_chat_template(list(prompt), add_generation_prompt=True,
                                            tokenize=False)
             return tok(text, add_special_tokens=False)["input_ids"]
-        return tok("\n".join(m["content"] for m in prompt), add_special_tokens=True)["input_ids"]
+        return self.reward_model.encode(["\n".join(m["content"] for m in prompt)])[0]
 
     def _completion_ids(self, completion) -> list[int]:
         text = completion if isinstance(completion, str) else "".join(

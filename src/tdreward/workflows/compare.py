@@ -8,7 +8,9 @@ with one TD reward model, summarise, save.
    return log-probs of a given text, so the reward comes from the reference LM reading the
    prompt and the response; only the response's tokens count.
 3. Per model: mean, median, std, 95% bootstrap CI, min, max and every TD reward, the share of
-   negative rewards, response lengths; differences against the first model with bootstrap CIs.
+   negative rewards, response lengths; differences against the first model with bootstrap CIs
+   of the per-sample differences (paired by prompt and seed; unpaired if samples lack a
+   partner, recorded as "paired" / "n_pairs" / "unpaired_reason").
 4. results.json (atomic), a bar + box plot PNG, optionally an HTML report with per-sample
    dopamine traces, and optionally self-scores on a corpus (`self_score`).
 """
@@ -28,6 +30,7 @@ from tdreward.backends.generation import BackendOptions, Generation, backend_for
 from tdreward.errors import TDRewardError
 from tdreward.reward_model import TDRewardModel, TextScore
 from tdreward.specs import parse_spec
+from tdreward.validation import check_output_dir, validate
 from tdreward.workflows import stats
 from tdreward.workflows.gen_cache import GenerationCache, default_cache_dir, model_fingerprint
 from tdreward.workflows.io import write_json
@@ -76,6 +79,36 @@ class CompareConfig:
     bootstrap: int = stats.N_BOOT
     verbose: bool = False
     command: str = "compare"  # recorded in results.json: compare | experiment | test-instruct
+
+    def __post_init__(self) -> None:
+        check_generation_settings(self)
+        validate(self, {"self_score_chars": ">=1", "trace_samples": ">=0", "bootstrap": ">=1"})
+        if not self.models:
+            raise TDRewardError("no models to compare: give --models")
+        if len(set(self.models)) != len(self.models):
+            raise TDRewardError("--models names a model twice")
+        for m in self.models:
+            parse_spec(m)  # a bad spec fails here, before any work
+        check_output_dir(self.output_dir, "--output_dir")
+
+
+# Ranges of the generation and scoring flags that compare, experiment, test-instruct and
+# evaluate share (tdreward.validation).
+GENERATION_RULES = {
+    "num_samples": ">=1", "max_new_tokens": ">=1", "temperature": ">=0", "top_p": "(0, 1]",
+    "concurrency": ">=1", "timeout": ">0", "retries": ">=0", "batch_size": ">=1",
+    "threads": ">=1", "gamma": "[0, 1]",
+}
+
+
+def check_generation_settings(cfg) -> None:
+    """The shared generation/scoring ranges, and the critic against the reference LM (before
+    any generation or model load)."""
+    validate(cfg, {k: v for k, v in GENERATION_RULES.items() if hasattr(cfg, k)})
+    if cfg.reward_model_path:
+        from tdreward.reward_model import check_critic_fits
+
+        check_critic_fits(cfg.reward_model_path, cfg.base_model, "--base_model")
 
 
 def bundled_data(name: str) -> Path:
@@ -250,21 +283,53 @@ def summarise_model(gens: list[Generation], summaries: list[dict | None], info: 
     }
 
 
+def pair_keys(samples: list[dict]) -> list[tuple]:
+    """Each sample's pairing key: (prompt, seed, k) for the k-th sample with that prompt and
+    seed. k keeps keys unique when a backend reports no per-sample seed and prompts cycle."""
+    seen: dict[tuple, int] = {}
+    keys = []
+    for s in samples:
+        key = (s["prompt"], s.get("seed"))
+        keys.append((*key, seen.get(key, 0)))
+        seen[key] = seen.get(key, 0) + 1
+    return keys
+
+
+def paired_difference(a: list[float | None], keys_a: list[tuple], b: list[float | None],
+                      keys_b: list[tuple], n_boot: int = stats.N_BOOT) -> dict:
+    """mean(b) - mean(a) with its bootstrap CI, paired by sample key when every sample of
+    each model has its partner in the other (the two models answered the same prompts with
+    the same seeds), else each group resampled on its own, and the reason why."""
+    if len(keys_a) == len(a) and len(keys_b) == len(b) and set(keys_a) == set(keys_b):
+        by_key = dict(zip(keys_b, b))
+        res = stats.compare_paired(a, [by_key[k] for k in keys_a], n_boot)
+        if res["n_pairs"]:
+            return res
+        reason = "no pair has a value for both models"
+    else:
+        missing = len(set(keys_a) ^ set(keys_b))
+        reason = f"{missing} samples have no partner with the same prompt and seed"
+    return stats.compare_means([v for v in a if v is not None],
+                               [v for v in b if v is not None], n_boot) \
+        | {"paired": False, "n_pairs": 0, "unpaired_reason": reason}
+
+
 def comparisons(models: dict[str, dict], n_boot: int = stats.N_BOOT) -> list[dict]:
-    """Each model against the first: differences of mean TD reward and of lengths."""
+    """Each model against the first: differences of mean TD reward and of lengths, paired by
+    prompt and seed (the models answered the same samples; see paired_difference)."""
     names = list(models)
     out = []
     for b in names[1:]:
         a = names[0]
         ma, mb = models[a], models[b]
+        ka, kb = pair_keys(ma["samples"]), pair_keys(mb["samples"])
         out.append({
             "a": a, "b": b,
-            "td_reward": stats.compare_means(ma["rewards"], mb["rewards"], n_boot),
-            "words": stats.compare_means(ma["response_lengths"]["words"],
-                                         mb["response_lengths"]["words"], n_boot),
-            "tokens": stats.compare_means(
-                [t for t in ma["response_lengths"]["tokens"] if t is not None],
-                [t for t in mb["response_lengths"]["tokens"] if t is not None], n_boot),
+            "td_reward": paired_difference(ma["rewards"], ka, mb["rewards"], kb, n_boot),
+            "words": paired_difference(ma["response_lengths"]["words"], ka,
+                                       mb["response_lengths"]["words"], kb, n_boot),
+            "tokens": paired_difference(ma["response_lengths"]["tokens"], ka,
+                                        mb["response_lengths"]["tokens"], kb, n_boot),
         })
     return out
 
@@ -281,15 +346,8 @@ def load_scorer(cfg: CompareConfig) -> TDRewardModel:
 def compare_models(cfg: CompareConfig, prompts: list[str], rm: TDRewardModel | None = None
                    ) -> tuple[dict, dict[str, list[TextScore | None]], TDRewardModel]:
     """Generate, score and summarise every model on `num_samples` samples of `prompts`."""
-    if cfg.num_samples < 1:
-        raise TDRewardError(f"--num_samples must be >= 1, got {cfg.num_samples}")
-    if not cfg.models:
-        raise TDRewardError("no models to compare: give --models")
-    if len(set(cfg.models)) != len(cfg.models):
-        raise TDRewardError("--models names a model twice")
-    specs = [parse_spec(m) for m in cfg.models]  # fail on a bad spec before any work
-    for s in specs:
-        backend_for(s, cfg.backend)
+    for m in cfg.models:  # a model this backend cannot run fails before any work
+        backend_for(parse_spec(m), cfg.backend)
     sample_prompts = [prompts[i % len(prompts)] for i in range(cfg.num_samples)]
     seeds = [(cfg.seed + i) & 0x7FFFFFFF for i in range(cfg.num_samples)]
     cache = GenerationCache(None if cfg.no_cache else (cfg.cache_dir or default_cache_dir()))
@@ -339,5 +397,6 @@ def run_compare(cfg: CompareConfig) -> dict:
     return results
 
 
-__all__ = ["CompareConfig", "DEFAULT_MODELS", "bundled_data", "compare_models",
-           "generate_samples", "load_prompt_texts", "run_compare", "score_responses"]
+__all__ = ["CompareConfig", "DEFAULT_MODELS", "bundled_data", "compare_models", "comparisons",
+           "generate_samples", "load_prompt_texts", "pair_keys", "paired_difference",
+           "run_compare", "score_responses"]

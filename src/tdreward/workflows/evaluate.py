@@ -17,8 +17,15 @@ from pathlib import Path
 
 from tdreward.backends.embedded import DEFAULT_MODEL
 from tdreward.errors import TDRewardError
+from tdreward.validation import check_output_dir, validate
 from tdreward.workflows import report
-from tdreward.workflows.compare import CompareConfig, compare_models, comparisons, load_scorer
+from tdreward.workflows.compare import (
+    CompareConfig,
+    check_generation_settings,
+    compare_models,
+    comparisons,
+    load_scorer,
+)
 from tdreward.workflows.io import write_json
 from tdreward.workflows.selfscore import join_documents, reward_model_for, scoring_spec, self_score
 
@@ -51,6 +58,20 @@ class EvaluateConfig:
     no_cache: bool = False
     verbose: bool = False
 
+    def __post_init__(self) -> None:
+        check_generation_settings(self)
+        validate(self, {"prompt_words": ">=1", "max_chars": ">=1"})
+        if not self.fine_tuned_model:
+            raise TDRewardError("give --fine_tuned_model (a directory, hub id, gguf: or "
+                                "embedded:)")
+        if not self.dataset:
+            raise TDRewardError("--dataset is required (HF dataset name or local file/folder)")
+        for m in (self.base_model, self.fine_tuned_model):
+            if scoring_spec(m) is None:
+                raise TDRewardError(f"{m!r} cannot score text (a server): evaluate needs models "
+                                    "that give log-probs of a given text")
+        check_output_dir(self.output_dir, "--output_dir")
+
 
 def dataset_prompts(docs: list[str], n: int, words: int) -> list[str]:
     """The first `words` words of each document long enough to continue."""
@@ -65,14 +86,6 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     from tdreward.data.corpus import load_corpus
     from tdreward.workflows.compare import load_prompt_texts
 
-    if not cfg.fine_tuned_model:
-        raise TDRewardError("give --fine_tuned_model (a directory, hub id, gguf: or embedded:)")
-    if cfg.num_samples < 1:
-        raise TDRewardError(f"--num_samples must be >= 1, got {cfg.num_samples}")
-    for m in (cfg.base_model, cfg.fine_tuned_model):
-        if scoring_spec(m) is None:
-            raise TDRewardError(f"{m!r} cannot score text (a server): evaluate needs models "
-                                "that give log-probs of a given text")
     start = time.perf_counter()
     docs = load_corpus(cfg.dataset, cfg.dataset_config, split=cfg.split)[: cfg.num_samples]
     text = join_documents(docs, cfg.max_chars)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from tdreward.errors import TDRewardError
+from tdreward.validation import check_choice, check_output_file
 from tdreward.workflows import gguf_tokenizer
 from tdreward.workflows.gguf_arch import ARCHS, SUPPORTED, arch_for, permute_qk
 from tdreward.workflows.io import atomic_path
@@ -46,6 +47,11 @@ class ExportOptions:
     adapter: str | None = None  # a PEFT LoRA adapter directory, merged before export
     tokenizer: str = "auto"  # auto | gguf | hf (see gguf_tokenizer.tokenizer_source)
     name: str | None = None  # general.name in the GGUF (default: the model's)
+
+    def __post_init__(self) -> None:
+        check_choice("--outtype", self.outtype, OUTTYPES)
+        check_choice("--tokenizer", self.tokenizer, ("auto", "gguf", "hf"))
+        check_output_file(self.outfile, "--outfile")
 
 
 # --------------------------------------------------------------------------- tensors
@@ -161,6 +167,11 @@ def source_gguf_of(model_path: str) -> Path | None:
     if spec.kind != "hf":
         return None
     folder = Path(spec.target).expanduser()
+    from tdreward.backends.adapters import adapter_base_model, is_adapter_dir
+
+    if folder.is_dir() and is_adapter_dir(folder):  # an adapter: the GGUF of its base, if any
+        base = adapter_base_model(folder)
+        return source_gguf_of(base) if base else None
     record = folder / "tdreward_source.json"  # a dequantised GGUF in the tdreward cache
     if record.is_file():
         try:
@@ -185,6 +196,9 @@ def source_gguf_of(model_path: str) -> Path | None:
 
 def merge_adapter(model, adapter: str | Path):
     """Merge a PEFT LoRA adapter into `model` (returns the plain merged model)."""
+    from tdreward.backends.hf import import_peft
+
+    import_peft()  # first: keeps bitsandbytes' 4-bit kernel notice out of the output
     from peft import PeftModel
 
     path = Path(adapter).expanduser()

@@ -9,13 +9,18 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from tdreward.cache_files import sweep_stale, temp_pattern, temp_prefix
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # The temporary name carries this process's id, so that a run killed mid-write leaves a
+    # file the next write of the same target recognises as abandoned and removes.
+    sweep_stale(path.parent, [temp_pattern(path.name)])
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)

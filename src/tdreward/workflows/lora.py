@@ -1,4 +1,4 @@
-"""`tdreward lora`: LoRA / QLoRA fine-tuning with a TD-weighted causal-LM loss (DESIGN §2.5).
+"""`tdreward lora`: LoRA / QLoRA fine-tuning with a TD-weighted causal-LM loss (docs/design.md §2.5).
 
 Every hyperparameter in one dataclass; data and model set-up live in `lora_setup.py`. The loss of `TDRewardTrainer` is
 
@@ -37,8 +37,10 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
+from tdreward.cache_files import make_temp_dir, owner_tag, sweep_stale, temp_pattern
 from tdreward.errors import TDRewardError
 from tdreward.reward_model import TDRewardModel
+from tdreward.validation import check_output_dir, validate
 from tdreward.workflows.io import write_json
 from tdreward.workflows.lora_setup import (
     IGNORE,
@@ -46,6 +48,7 @@ from tdreward.workflows.lora_setup import (
     PadCollator,
     build_reward_model,
     default_target_modules,
+    describe_examples,
     linear_module_names,
     load_base_model,
     load_training_data,
@@ -64,6 +67,16 @@ log = logging.getLogger("tdreward")
 META_NAME = "tdreward_lora.json"  # written last: its presence marks a complete adapter dir
 WEIGHTINGS = ("token", "sequence")
 BASELINES = ("batch", "none")
+
+
+# Flag ranges, checked when the config is built (tdreward.validation).
+LORA_RULES = {
+    "max_length": ">=2", "max_examples": ">=1", "lora_r": ">=1", "lora_alpha": ">=1",
+    "lora_dropout": "[0, 1)", "batch_size": ">=1", "gradient_accumulation_steps": ">=1",
+    "num_epochs": ">0", "max_steps": ">=1", "lr": ">0", "weight_decay": ">=0",
+    "warmup_steps": ">=0", "max_grad_norm": ">0", "gamma": "[0, 1]", "temperature": ">0",
+    "w_max": ">0", "reward_scale": "[0, 1]", "eval_examples": ">=0", "logging_steps": ">=1",
+}
 
 
 @dataclass
@@ -112,8 +125,9 @@ class LoraTrainingConfig:
     eval_examples: int = 64  # training examples scored before/after training (0: skip)
     logging_steps: int = 1
     device: str | None = None  # None: cuda when available, else cpu
+    progress: bool = True  # progress bars for training and the loss probes
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if not self.dataset:
             raise TDRewardError("--dataset is required (HF dataset, text file/folder or .jsonl)")
         if self.use_8bit and self.use_4bit:
@@ -122,15 +136,11 @@ class LoraTrainingConfig:
             raise TDRewardError(f"--weighting must be one of {', '.join(WEIGHTINGS)}")
         if self.baseline not in BASELINES:
             raise TDRewardError(f"--baseline must be one of {', '.join(BASELINES)}")
-        checks = [("--temperature", self.temperature > 0), ("--w_max", self.w_max > 0),
-                  ("--reward_scale", 0 <= self.reward_scale <= 1), ("--lora_r", self.lora_r > 0),
-                  ("--batch_size", self.batch_size > 0), ("--lr", self.lr > 0),
-                  ("--lora_dropout", 0 <= self.lora_dropout < 1),
-                  ("--max_steps", self.max_steps is None or self.max_steps > 0),
-                  ("--num_epochs", self.num_epochs > 0)]
-        for name, ok in checks:
-            if not ok:
-                raise TDRewardError(f"{name} is out of range: {getattr(self, name[2:])}")
+        validate(self, LORA_RULES)
+        if self.reward_model_path:  # before the base model loads
+            from tdreward.reward_model import check_critic_fits
+
+            check_critic_fits(self.reward_model_path, self.base_model, "--base_model")
 
 
 # --------------------------------------------------------------------------- the loss
@@ -271,8 +281,11 @@ class TDRewardTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     @torch.no_grad()
-    def dataset_losses(self, examples: list[dict], batch_size: int | None = None) -> dict:
+    def dataset_losses(self, examples: list[dict], batch_size: int | None = None,
+                       desc: str = "loss probe") -> dict:
         """Mean plain CE and TD-weighted CE over `examples` (no gradient, eval mode)."""
+        from tqdm.auto import tqdm
+
         model = self.model
         was_training = model.training
         model.eval()
@@ -280,7 +293,8 @@ class TDRewardTrainer(Trainer):
         bs = batch_size or self.args.per_device_train_batch_size
         ce = td = n = 0.0
         try:
-            for a in range(0, len(examples), bs):
+            for a in tqdm(range(0, len(examples), bs), desc=desc, unit="batch",
+                          disable=self.args.disable_tqdm):
                 batch = {k: v.to(self.args.device) for k, v in
                          collate(examples[a: a + bs]).items()}
                 t = self.loss_terms(model, batch)
@@ -303,7 +317,7 @@ def _base_lm(model):
 def _save_adapter(model, tokenizer, out: Path) -> None:
     """adapter_config.json + adapter_model.safetensors (+ tokenizer) into `out`, each file
     renamed into place from a temporary folder beside it."""
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=out))
+    tmp = Path(tempfile.mkdtemp(prefix=f".adapter-{owner_tag()}.", dir=out))
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
@@ -318,13 +332,15 @@ def _save_adapter(model, tokenizer, out: Path) -> None:
 def run_lora(cfg: LoraTrainingConfig) -> dict:
     """Train a LoRA adapter with the TD-weighted loss; returns the metrics it writes to
     OUTPUT_DIR/tdreward_lora.json (plus `merged_dir` when cfg.merge)."""
+    from tdreward.backends.hf import import_peft
+
+    # First: bitsandbytes' 4-bit kernel notice only when 4-bit is used.
+    import_peft(quiet_bitsandbytes=not cfg.use_4bit)
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
-    cfg.validate()
     out = Path(cfg.output_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise TDRewardError(f"--output_dir {out} exists and is not a folder")
+    check_output_dir(out, "--output_dir")
     set_seed(cfg.seed)
     model, tok = load_base_model(cfg)
     data = load_training_data(tok, cfg.dataset, cfg.dataset_config, cfg.split, cfg.max_length,
@@ -336,11 +352,13 @@ def run_lora(cfg: LoraTrainingConfig) -> dict:
     n_quantized = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
     rm = build_reward_model(cfg, model, tok)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info("LoRA on %s (%s): %d trainable parameters; %d %s examples, %d target tokens",
-             cfg.base_model, ", ".join(targets), n_train, len(data.examples), data.kind,
-             data.n_target_tokens)
+    log.info("LoRA on %s (%s): %d trainable parameters; %s, %d target tokens",
+             cfg.base_model, ", ".join(targets), n_train,
+             describe_examples(len(data.examples), data.kind), data.n_target_tokens)
     out.mkdir(parents=True, exist_ok=True)
-    trainer_dir = tempfile.mkdtemp(prefix=".trainer-", dir=out)
+    # Temporary folders name their process: those of a killed run are removed here.
+    sweep_stale(out, [".trainer-*", ".adapter-*"])
+    trainer_dir = tempfile.mkdtemp(prefix=f".trainer-{owner_tag()}.", dir=out)
     try:
         trainer = TDRewardTrainer(
             model=model, args=training_args(cfg, trainer_dir),
@@ -350,11 +368,11 @@ def run_lora(cfg: LoraTrainingConfig) -> dict:
             w_max=cfg.w_max, reward_scale=cfg.reward_scale, baseline=cfg.baseline,
             cache_deltas=cfg.cache_deltas)
         probe = data.examples[: cfg.eval_examples]
-        before = trainer.dataset_losses(probe) if probe else {}
+        before = trainer.dataset_losses(probe, desc="loss before") if probe else {}
         start = time.perf_counter()
         result = trainer.train()
         wall = time.perf_counter() - start
-        after = trainer.dataset_losses(probe) if probe else {}
+        after = trainer.dataset_losses(probe, desc="loss after") if probe else {}
         _save_adapter(model, tok, out)
     finally:
         shutil.rmtree(trainer_dir, ignore_errors=True)
@@ -389,6 +407,9 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike 
     """Merge a LoRA adapter into its (unquantised, fp32) base and save a transformers model
     directory (safetensors + tokenizer) at `output_dir` (default ADAPTER_DIR/merged).
     `base_model` is a model spec; by default the one the adapter was trained on."""
+    from tdreward.backends.hf import import_peft
+
+    import_peft()  # first: keeps bitsandbytes' 4-bit kernel notice out of the output
     from peft import PeftModel
 
     from tdreward.backends.hf import load_model
@@ -412,9 +433,8 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike 
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(adapter_dir))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the result is an ordinary folder
+    sweep_stale(out.parent, [temp_pattern(out.name)])  # merges killed mid-write
+    tmp = make_temp_dir(out.parent, out.name)
     try:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))

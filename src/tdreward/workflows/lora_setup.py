@@ -101,6 +101,15 @@ class LoraData:
     n_target_tokens: int
 
 
+# How a count of each kind of example reads: "67 prompt/completion pairs", "67 text examples".
+EXAMPLE_KINDS = {"pairs": "prompt/completion pairs", "text": "text examples"}
+
+
+def describe_examples(n: int, kind: str) -> str:
+    """`n` training examples of `kind` in words, e.g. "67 prompt/completion pairs"."""
+    return f"{n} {EXAMPLE_KINDS.get(kind, f'{kind} examples')}"
+
+
 def load_training_data(tokenizer, dataset: str, dataset_config: str | None = None,
                        split: str = "train", max_length: int = 256,
                        chat_template: bool = False, max_examples: int | None = None) -> LoraData:
@@ -184,7 +193,6 @@ def resolve_model_dir(spec: str) -> str:
     """A directory or hub id that `from_pretrained` loads for `spec`. Embedded and gguf: specs
     are dequantised once into the tdreward cache (safetensors) and that directory is returned."""
     from tdreward.backends import hf
-    from tdreward.backends.embedded import cache_dir
 
     s = parse_spec(spec)
     if s.kind == "hf":
@@ -192,13 +200,7 @@ def resolve_model_dir(spec: str) -> str:
     if s.kind not in ("embedded", "gguf"):
         raise TDRewardError(f"{spec!r} cannot be fine-tuned: use a hub id, a directory, "
                             "gguf:PATH or embedded:NAME")
-    path = hf.resolve_gguf(s)
-    if not path.is_file():
-        raise TDRewardError(f"GGUF file not found: {path}")
-    target = cache_dir() / "models" / hf._file_sha256(path)[:24]
-    if not (target / "config.json").is_file():
-        hf.load_model(s)  # dequantises and fills the cache
-    return str(target)
+    return str(hf.cached_model_dir(hf.resolve_gguf(s)))  # dequantised once, then reused
 
 
 def _quantization_config(cfg: LoraTrainingConfig, device: str):
@@ -217,11 +219,12 @@ def _quantization_config(cfg: LoraTrainingConfig, device: str):
 
 def load_base_model(cfg: LoraTrainingConfig):
     """(model, tokenizer): fp32, or 8/4-bit through bitsandbytes, ready for LoRA."""
-    from tdreward.backends.hf import _quiet, _set_pad, load_model
+    from tdreward.backends.hf import _set_pad, import_peft, load_model, quiet_loading
 
     if not (cfg.use_4bit or cfg.use_8bit):
         model, tok = load_model(cfg.base_model)
         return model, tok
+    import_peft(quiet_bitsandbytes=not cfg.use_4bit)  # the 4-bit kernel notice only for 4-bit
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -232,12 +235,20 @@ def load_base_model(cfg: LoraTrainingConfig):
     qcfg = _quantization_config(cfg, device)
     where = resolve_model_dir(cfg.base_model)
     local = Path(where).is_dir() or env_offline() or not hub_reachable()
-    _quiet()
     try:
-        tok = AutoTokenizer.from_pretrained(where, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(
-            where, quantization_config=qcfg, dtype=torch.float32, local_files_only=local,
-            device_map={"": 0 if device == "cuda" else device})
+        with quiet_loading():
+            tok = AutoTokenizer.from_pretrained(where, local_files_only=local)
+            model = AutoModelForCausalLM.from_pretrained(
+                where, quantization_config=qcfg, dtype=torch.float32, local_files_only=local,
+                device_map={"": 0 if device == "cuda" else device})
+    except OSError as e:  # the files themselves: not cached offline, or not a model
+        if local and not Path(where).is_dir():
+            raise TDRewardError(
+                f"model {where!r} is not in the local Hugging Face cache and the hub cannot be "
+                "reached (offline); use an embedded model (embedded:smollm2-135m-instruct), "
+                "gguf:PATH or a local directory") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TDRewardError(f"cannot load {where!r}: {first}") from e
     except Exception as e:  # bitsandbytes / transformers raise many kinds on unsupported setups
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise TDRewardError(f"{bits}-bit quantisation cannot run here ({first}); "
@@ -321,4 +332,6 @@ def training_args(cfg: LoraTrainingConfig, trainer_dir: str):
         logging_steps=cfg.logging_steps, save_strategy="no", report_to="none", seed=cfg.seed,
         remove_unused_columns=False, label_names=["labels"], use_cpu=cfg.device == "cpu",
         dataloader_pin_memory=False,
+        # A progress bar whatever transformers' log level (it hides the bar above WARNING).
+        disable_tqdm=not cfg.progress,
     )

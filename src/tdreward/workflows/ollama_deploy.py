@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tdreward.backends.embedded import DEFAULT_MODEL
 from tdreward.errors import TDRewardError
+from tdreward.validation import check_choice, check_output_dir, check_output_file, validate
 from tdreward.workflows.io import write_text
 from tdreward.workflows.ollama_modelfile import create_fields, modelfile_for
 
@@ -63,6 +64,15 @@ class OllamaConfig:
     seed: int = 0
     output: str | None = None  # evaluate: results JSON
     verbose: bool = False
+
+    def __post_init__(self) -> None:
+        validate(self, {"num_samples": ">=1", "max_new_tokens": ">=1", "temperature": ">=0",
+                        "gamma": "[0, 1]"})
+        check_choice("--action", self.action, ACTIONS)
+        check_choice("--outtype", self.outtype, ("f32", "f16", "q8_0"))
+        check_output_file(self.output, "--output")
+        if self.action == "create":
+            check_output_dir(self.output_dir, "--output_dir")
 
 
 def safe_name(name: str) -> str:
@@ -352,6 +362,8 @@ def print_evaluation(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from tdreward.display import fmt_num, print_table
+
     table = Table(title=f"TD reward of {result['model']}'s responses")
     for col in ("#", "prompt", "response", "td_reward", "tokens"):
         table.add_column(col, justify="right" if col in ("#", "td_reward", "tokens") else "left",
@@ -359,13 +371,13 @@ def print_evaluation(result: dict) -> None:
     for s in result["samples"]:
         td = s.get("td_reward")
         table.add_row(str(s["index"] + 1), s["prompt"][:60], s["response"][:120],
-                      "-" if td is None else f"{td:.4f}", str(s.get("reward_tokens", 0)))
-    Console().print(table)
+                      fmt_num(td, ".4f", "-"), str(s.get("reward_tokens", 0)))
+    print_table(table, Console())
     d = result["td_reward"]
     if d.get("mean") is not None:
         lo, hi = d["ci95"]
-        ci = f", 95% CI {lo:.4f} .. {hi:.4f}" if lo is not None else ""
-        print(f"mean TD reward {d['mean']:.4f} (n={d['n']}{ci})")
+        ci = f", 95% CI {fmt_num(lo, '.4f')} .. {fmt_num(hi, '.4f')}" if lo is not None else ""
+        print(f"mean TD reward {fmt_num(d['mean'], '.4f')} (n={d['n']}{ci})")
 
 
 def run_delete(cfg: OllamaConfig) -> dict:

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tdreward.errors import TDRewardError
+from tdreward.validation import check_choice, check_output_dir, validate
 from tdreward.workflows.io import write_json
 from tdreward.workflows.ollama_deploy import OllamaAPI, create_in_ollama, safe_name, write_modelfile
 
@@ -59,6 +61,15 @@ class FinetuneConfig:
     temperature: float = 0.0
     seed: int = 42
     verbose: bool = False
+
+    def __post_init__(self) -> None:
+        validate(self, {
+            "epochs": ">0", "gamma": "[0, 1]", "lora_r": ">=1", "lora_alpha": ">=1",
+            "lora_dropout": "[0, 1)", "batch_size": ">=1", "lr": ">0", "max_length": ">=2",
+            "max_steps": ">=1", "max_examples": ">=1", "eval_samples": ">=0",
+            "max_new_tokens": ">=1", "temperature": ">=0"})
+        check_choice("--outtype", self.outtype, ("f32", "f16", "q8_0"))
+        check_output_dir(self.output_dir, "--output_dir")
 
 
 @dataclass
@@ -167,39 +178,47 @@ def print_comparison(c: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from tdreward.display import fmt_num, print_table
+    from tdreward.workflows.report import pairing
+
     table = Table(title=f"TD reward of the responses to {c['samples']} held-out prompts")
     for col in ("model", "mean TD reward", "95% CI", "n"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for label in ("before", "after"):
         d = c[label]
         lo, hi = d["ci95"]
-        table.add_row(label, "-" if d["mean"] is None else f"{d['mean']:.4f}",
-                      "-" if lo is None else f"{lo:.4f} .. {hi:.4f}", str(d["n"]))
-    Console().print(table)
+        table.add_row(label, fmt_num(d["mean"], ".4f", "-"),
+                      "-" if lo is None else f"{fmt_num(lo, '.4f')} .. {fmt_num(hi, '.4f')}",
+                      str(d["n"]))
+    print_table(table, Console())
     d = c["difference"]
     if d["diff"] is not None:
         lo, hi = d["ci95"]
-        print(f"after - before: {d['diff']:+.4f} (95% CI {lo:+.4f} .. {hi:+.4f})")
+        print(f"after - before: {fmt_num(d['diff'], '+.4f')} (95% CI {fmt_num(lo, '+.4f')} .. "
+              f"{fmt_num(hi, '+.4f')}; {pairing(d)})")
+
+
+def _stage(i: int, what: str) -> None:
+    """One line per phase on stderr: the whole run takes minutes."""
+    print(f"tdreward: [{i}/5] {what}", file=sys.stderr, flush=True)
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
     from tdreward.backends.hf import load_model
-    from tdreward.workflows.export_gguf import OUTTYPES, write_gguf
+    from tdreward.workflows.export_gguf import write_gguf
     from tdreward.workflows.gguf_tokenizer import chat_template_of
     from tdreward.workflows.lora import LoraTrainingConfig, run_lora
     from tdreward.workflows.ollama_deploy import check_model_name
 
     name = check_model_name(cfg.output_model)
-    if cfg.outtype not in OUTTYPES:
-        raise TDRewardError(f"--outtype must be one of {', '.join(OUTTYPES)}")
-    if cfg.epochs <= 0:
-        raise TDRewardError(f"--epochs must be > 0, got {cfg.epochs}")
     start = time.perf_counter()
+    _stage(1, f"finding the base model {cfg.base_model}")
     base = resolve_base(cfg.base_model, cfg.ollama_host)
     _check_architecture(base)
     out = Path(cfg.output_dir or f"ollama_finetune_{safe_name(name)}").expanduser()
 
     # 2. LoRA with the TD-weighted loss, merged into the base.
+    _stage(2, f"LoRA fine-tuning {base.train_spec} with the TD-weighted loss, then merging")
     lcfg = LoraTrainingConfig(
         base_model=base.train_spec, dataset=cfg.dataset, dataset_config=cfg.dataset_config,
         output_dir=str(out / "adapter"), max_length=cfg.max_length,
@@ -213,6 +232,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     merged = Path(metrics["merged_dir"])
 
     # 3. GGUF + Modelfile.
+    _stage(3, f"writing the merged model as a {cfg.outtype} GGUF and its Modelfile")
     model, tok = load_model(str(merged))
     gguf = out / f"{safe_name(name)}.{cfg.outtype}.gguf"
     info = write_gguf(model, tok, gguf, cfg.outtype, source_gguf=base.gguf, name=name)
@@ -221,6 +241,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     print(f"GGUF: {gguf}\nModelfile: {modelfile}")
 
     # 4. Ollama.
+    _stage(4, "creating the model in Ollama")
     api = OllamaAPI(cfg.ollama_host, timeout=600.0)
     host, reachable = api.host, api.reachable()
     api.close()
@@ -238,6 +259,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if cfg.eval_samples > 0:
         before = f"llamacpp:{base.gguf}" if base.gguf else base.train_spec
         reward_base = cfg.reward_base_model or _critic_base(cfg) or base.train_spec
+        _stage(5, f"before / after: {cfg.eval_samples} responses of each model, scored by "
+               f"{reward_base}")
         comparison = _compare(cfg, before, f"llamacpp:{gguf}", reward_base)
         print_comparison(comparison)
     result = {"config": asdict(cfg), "base": {"spec": base.train_spec, "gguf": str(base.gguf),

@@ -1,4 +1,4 @@
-"""`tdreward train`: PPO with TD-shaped per-token rewards (DESIGN §2.5), CleanRL style.
+"""`tdreward train`: PPO with TD-shaped per-token rewards (docs/design.md §2.5), CleanRL style.
 
 One step:
  1. rollout   each process samples `batch_size` prompts and generates continuations (left-padded
@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from tdreward.errors import TDRewardError
+from tdreward.validation import check_choice, validate
 from tdreward.workflows import ppo_checkpoint as ckpt
 from tdreward.workflows.io import write_json
 from tdreward.workflows.ppo_checkpoint import config_dict, finite_stats, flat_config
@@ -57,6 +59,18 @@ log = logging.getLogger("tdreward")
 
 RewardFn = Callable[[Rollout], Tensor]  # rollout -> per-token rewards [B, L]
 TIMING_KEYS = ("tokens_per_s", "step_time_s", "elapsed_s")
+
+
+# Flag ranges, checked when the config is built (tdreward.validation).
+PPO_RULES = {
+    "prompt_tokens": ">=1", "max_prompts": ">=1", "gamma": "[0, 1]", "epochs": ">=1",
+    "steps_per_epoch": ">=1", "batch_size": ">=1", "mini_batch_size": ">=1", "ppo_epochs": ">=1",
+    "max_new_tokens": ">=1", "temperature": ">0", "max_length": ">=1", "lr": ">0",
+    "kl_coef": ">=0", "cliprange": ">0", "cliprange_value": ">0", "vf_coef": ">=0",
+    "ent_coef": ">=0", "value_norm_momentum": "[0, 1)", "lam": "[0, 1]", "max_grad_norm": ">0",
+    "critic_lr": ">0", "lora_r": ">=1", "lora_alpha": ">=1", "lora_dropout": "[0, 1)",
+    "save_steps": ">=0", "save_total_limit": ">=1", "max_nan_streak": ">=1",
+}
 
 
 @dataclass
@@ -129,25 +143,15 @@ class PPOConfig:
     extra: dict = field(default_factory=dict)  # free-form notes stored with the config
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.batch_size >= 1, "--batch_size must be at least 1"),
-            (1 <= self.mini_batch_size <= self.batch_size,
-             "--mini_batch_size must be between 1 and --batch_size"),
-            (self.ppo_epochs >= 1, "--ppo_epochs must be at least 1"),
-            (self.epochs >= 1, "--epochs must be at least 1"),
-            (self.max_new_tokens >= 1, "--max_new_tokens must be at least 1"),
-            (self.temperature > 0, "--temperature must be positive"),
-            (self.max_length >= 1, "--max_length must be at least 1"),
-            (self.kl_estimator in ("k1", "k3"), "--kl_estimator must be k1 or k3"),
-            (self.steps_per_epoch is None or self.steps_per_epoch >= 1,
-             "--steps_per_epoch must be at least 1"),
-            (self.report_to in (None, "tensorboard", "wandb"),
-             "--report_to must be tensorboard or wandb"),
-            (self.max_nan_streak >= 1, "--max_nan_streak must be at least 1"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise TDRewardError(msg)
+        validate(self, PPO_RULES, {"critic_updates": "--freeze_critic"})
+        if self.mini_batch_size > self.batch_size:
+            raise TDRewardError("--mini_batch_size must not exceed --batch_size")
+        check_choice("--kl_estimator", self.kl_estimator, ("k1", "k3"))
+        check_choice("--report_to", self.report_to, (None, "tensorboard", "wandb"))
+        if self.reward_model_path:  # before the policy loads
+            from tdreward.reward_model import check_critic_fits
+
+            check_critic_fits(self.reward_model_path, self.base_model, "--base_model")
         if not self.prompts and not self.dataset:
             raise TDRewardError("no prompts: pass --prompts FILE or --dataset NAME_OR_PATH")
 
@@ -208,6 +212,9 @@ class PolicyWithValue(nn.Module):
 def build_policy(cfg: PPOConfig, lm, hidden_size: int):
     """-> (PolicyWithValue, reference LM, context that makes the reference LM the base)."""
     if cfg.use_lora:
+        from tdreward.backends.hf import import_peft
+
+        import_peft()  # first: keeps bitsandbytes' 4-bit kernel notice out of the output
         from peft import LoraConfig, get_peft_model
 
         targets = cfg.target_modules
@@ -356,8 +363,14 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, lm=None,
                                     "--steps_per_epoch and --batch_size")
             step, guard.streak = state["step"], state["nan_streak"]
             guard.skipped = state.get("nan_skipped", 0)
-            log.info("resumed from %s at step %d", path, step)
+            if main:
+                print(f"tdreward: resumed from {path} at step {step} of {total_steps}",
+                      file=sys.stderr, flush=True)
     if main:
+        print(f"tdreward: PPO plan: {total_steps} steps = {cfg.epochs} epoch(s) x "
+              f"{steps_per_epoch} steps of {global_batch} prompts ({len(rows)} prompts, "
+              f"{world} process(es)), {cfg.max_new_tokens} new tokens each; the time estimate "
+              "follows the first step", file=sys.stderr, flush=True)
         out.mkdir(parents=True, exist_ok=True)
         history = ckpt.restart_metrics(metrics_path, step)
         write_json(out / "ppo_config.json", config_dict(cfg) | {"num_processes": world})
@@ -368,7 +381,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, lm=None,
 
     bar = tqdm(total=total_steps, initial=step, desc="PPO", unit="step",
                disable=not (cfg.progress and main))
-    t_start = time.perf_counter()
+    t_start, first_step = time.perf_counter(), step
     while step < total_steps:
         epoch, in_epoch = step // steps_per_epoch + 1, step % steps_per_epoch
         order = epoch_order(len(rows), steps_per_epoch * global_batch, cfg.seed, epoch)
@@ -390,6 +403,10 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, lm=None,
             accelerator.log(finite_stats(stats, drop_none=True), step=step)
         bar.update(1)
         bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}")
+        if main and step == first_step + 1 and step < total_steps:
+            left = (total_steps - step) * dt
+            bar.write(f"tdreward: first step took {dt:.1f} s: about {left / 60:.1f} min for the "
+                      f"{total_steps - step} steps left", file=sys.stderr)
         epoch_end = step % steps_per_epoch == 0
         if epoch_end:
             ckpt.save_epoch(cfg, accelerator, unwrapped, tokenizer, reward, epoch, step, history)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tdreward.backends.embedded import DEFAULT_MODEL
 from tdreward.backends.embedded import cache_dir as tdreward_cache
+from tdreward.validation import check_output_dir, validate
 from tdreward.workflows.compare import (
     DEFAULT_MODELS,
     TRAINING_DATA,
@@ -40,6 +41,11 @@ class QuickstartConfig:
     cache_dir: str | None = None  # generation cache (default $TDREWARD_CACHE/generations)
     verbose: bool = False
 
+    def __post_init__(self) -> None:
+        validate(self, {"num_samples": ">=1", "max_new_tokens": ">=1", "max_tokens": ">=2",
+                        "epochs": ">=1"})
+        check_output_dir(self.output_dir, "--output_dir")
+
 
 def default_critic_dir() -> Path:
     return tdreward_cache() / "critics" / "quickstart-smollm2"
@@ -47,10 +53,19 @@ def default_critic_dir() -> Path:
 
 def ensure_critic(cfg: QuickstartConfig) -> tuple[Path, bool]:
     """(critic directory, whether it was trained now)."""
+    from tdreward.cache_files import file_lock
+
+    final = Path(cfg.critic_dir) if cfg.critic_dir else default_critic_dir()
+    # Quickstarts started together train one critic (into one `.partial` folder, which a
+    # killed run resumes): the others wait for it, then reuse it.
+    with file_lock(final.with_name(f".{final.name}.lock"), "training the quickstart critic"):
+        return _ensure_critic(cfg, final)
+
+
+def _ensure_critic(cfg: QuickstartConfig, final: Path) -> tuple[Path, bool]:
     from tdreward.reward_model import CONFIG_NAME, WEIGHTS_NAME
     from tdreward.workflows.train_critic import CriticTrainingConfig, train_critic
 
-    final = Path(cfg.critic_dir) if cfg.critic_dir else default_critic_dir()
     if cfg.retrain and final.exists():
         shutil.rmtree(final)
     if (final / CONFIG_NAME).is_file() and (final / WEIGHTS_NAME).is_file():

@@ -8,6 +8,7 @@ import html
 import os
 from pathlib import Path
 
+from tdreward.display import fmt_num, fmt_pct
 from tdreward.reward_model import TextScore
 from tdreward.workflows import trace
 from tdreward.workflows.io import atomic_path, write_text
@@ -71,7 +72,7 @@ def _fmt(v, digits: int = 4) -> str:
     if v is None:
         return "–"
     if isinstance(v, float):
-        return f"{v:.{digits}g}"
+        return fmt_num(v, f".{digits}g")
     return html.escape(str(v))
 
 
@@ -86,10 +87,19 @@ def summary_rows(results: dict) -> list[list[str]]:
             m, str(td["n"]), _fmt(td["mean"]),
             f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci[0] is not None else "–",
             _fmt(td["median"]), _fmt(td["std"]), _fmt(td["min"]), _fmt(td["max"]),
-            _fmt(r["negative_share"], 3), _fmt(r["negative_token_share"], 3),
+            fmt_pct(r["negative_share"]), fmt_pct(r["negative_token_share"]),
             _fmt(words["mean"], 3), _fmt(toks["mean"], 3), r["prompt_format"],
         ])
     return rows
+
+
+def pairing(diff: dict) -> str:
+    """How a difference was bootstrapped: "10 pairs", or "unpaired (reason)"; results.json
+    files from before pairing say nothing, and their bootstrap was unpaired."""
+    if diff.get("paired"):
+        return f"{diff['n_pairs']} pairs"
+    reason = diff.get("unpaired_reason")
+    return f"unpaired ({reason})" if reason else "unpaired"
 
 
 SUMMARY_HEADER = ["model", "n", "mean TD reward", "95% CI", "median", "std", "min", "max",
@@ -132,9 +142,12 @@ def report_html(results: dict, traces: dict[str, list[TextScore | None]],
             td, w = c["td_reward"], c["words"]
             rows.append([html.escape(f"{c['b']} − {c['a']}"), _fmt(td["diff"]),
                          f"[{_fmt(td['ci95'][0])}, {_fmt(td['ci95'][1])}]", _fmt(td["cohens_d"], 3),
-                         _fmt(w["diff"], 3), f"[{_fmt(w['ci95'][0], 3)}, {_fmt(w['ci95'][1], 3)}]"])
-        parts.append("<h2>Differences</h2>" + _table(
-            ["models", "TD reward diff", "95% CI", "Cohen's d", "words diff", "95% CI"], rows))
+                         _fmt(w["diff"], 3), f"[{_fmt(w['ci95'][0], 3)}, {_fmt(w['ci95'][1], 3)}]",
+                         html.escape(pairing(td))])
+        parts.append("<h2>Differences</h2><p>Per-sample differences, paired by prompt and seed "
+                     "where both models answered the same samples; the CI resamples the pairs."
+                     "</p>" + _table(["models", "TD reward diff", "95% CI", "Cohen's d",
+                                      "words diff", "95% CI", "pairing"], rows))
     if results.get("self_scores"):
         ss = results["self_scores"]
         rows = [[html.escape(m)] + ([_fmt(v.get(k)) for k in ("perplexity", "bits_per_byte",
@@ -178,5 +191,5 @@ def write_report(path: str | os.PathLike, results: dict,
     write_text(path, report_html(results, traces, trace_samples, png))
 
 
-__all__ = ["SUMMARY_HEADER", "report_html", "summary_rows", "write_comparison_plot",
-           "write_report"]
+__all__ = ["SUMMARY_HEADER", "pairing", "report_html", "summary_rows",
+           "write_comparison_plot", "write_report"]

@@ -1,4 +1,4 @@
-"""Rollouts for PPO (DESIGN §2.5): prompts -> batched generation -> per-token log-probs, KL and
+"""Rollouts for PPO (docs/design.md §2.5): prompts -> batched generation -> per-token log-probs, KL and
 TD-shaped rewards; plus the held-out evaluation (TD reward, KL to the reference, repetition).
 
 Shapes: B rows, Tq prompt tokens (left-padded, so every response starts at column Tq),
@@ -237,7 +237,7 @@ def align_to_response(per_pos: Tensor, starts: Tensor, rollout: Rollout) -> Tens
 class TDShapedReward:
     """Per-token reward of each response token: the critic's TD error delta_t (potential-based
     shaping of r_t, Ng et al. 1999). After scoring a batch the critic takes one TD(lambda) step
-    on it, so V follows the policy's changing distribution (DESIGN §2.5).
+    on it, so V follows the policy's changing distribution (docs/design.md §2.5).
 
     `ref_context()` is entered around every use of the reference LM: with LoRA it disables the
     adapter, so the critic reads the frozen base model that the policy shares. With

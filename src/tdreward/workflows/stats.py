@@ -62,9 +62,36 @@ def compare_means(a: Sequence[float], b: Sequence[float], n_boot: int = N_BOOT,
     return {"diff": float(y.mean() - x.mean()), "ci95": [float(lo), float(hi)], "cohens_d": d}
 
 
+def compare_paired(a: Sequence[float | None], b: Sequence[float | None], n_boot: int = N_BOOT,
+                   seed: int = 0) -> dict:
+    """mean(b[i] - a[i]) over the pairs (a[i], b[i]) with both values: the mean difference,
+    the percentile-bootstrap 95% CI of that mean (pairs resampled together), Cohen's d with
+    the pooled standard deviation (as in compare_means), "paired": True and "n_pairs".
+
+    Pairing removes what both members of a pair share (the prompt, the seed): identical
+    responses differ by exactly 0 with CI [0, 0], where resampling each group on its own
+    (compare_means) would report a spread that is only the prompts' spread."""
+    if len(a) != len(b):
+        raise ValueError(f"paired samples need equal lengths, got {len(a)} and {len(b)}")
+    both = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    if not both:
+        return {"diff": None, "ci95": [None, None], "cohens_d": None, "paired": True,
+                "n_pairs": 0}
+    x, y = (np.asarray(v, dtype=np.float64) for v in zip(*both))
+    d = y - x
+    lo, hi = bootstrap_ci(d, n_boot, seed=seed)
+    effect = None
+    if x.size > 1:
+        pooled = math.sqrt((x.var(ddof=1) + y.var(ddof=1)) / 2)
+        effect = float(d.mean() / pooled) if pooled > 0 else None
+    return {"diff": float(d.mean()), "ci95": [lo, hi], "cohens_d": effect, "paired": True,
+            "n_pairs": int(d.size)}
+
+
 def share_negative(values: Sequence[float]) -> float | None:
     x = [v for v in values if v is not None]
     return sum(v < 0 for v in x) / len(x) if x else None
 
 
-__all__ = ["bootstrap_ci", "compare_means", "describe", "share_negative"]
+__all__ = ["bootstrap_ci", "compare_means", "compare_paired", "describe",
+           "share_negative"]

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import html
 import os
+from typing import TYPE_CHECKING
 
+from tdreward.display import fmt_num
 from tdreward.reward_model import TextScore
 from tdreward.workflows.io import atomic_path, write_text
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; max-width: 70em; color: #222; }
@@ -43,15 +48,16 @@ def trace_html(scores: list[TextScore], model: str, trained: bool) -> str:
         scale = max((abs(d) for d in s.delta), default=1.0) or 1.0
         head = "".join(f"<th>{html.escape(k)}</th>" for k in s.summary)
         row = "".join(
-            f"<td>{v:.4g}</td>" if isinstance(v, float) else f"<td>{v}</td>"
+            f"<td>{fmt_num(v, '.4g')}</td>" if isinstance(v, float) else f"<td>{v}</td>"
             for v in s.summary.values()
         )
         parts.append(f"<h2>Text {i + 1}</h2><table class='summary'><tr>{head}</tr>"
                      f"<tr>{row}</tr></table><div class='trace'>")
         for j, tok in enumerate(s.tokens):
             belief = ", ".join(f"{n}={b:.2f}" for n, b in zip(s.state_names, s.belief[j]))
-            tip = (f"logp={s.logp[j]:.3f} c={s.c[j]:.3f} H={s.H[j]:.3f} r={s.r[j]:.3f} "
-                   f"V={s.V[j]:.3f} delta={s.delta[j]:.3f}" + (f" | {belief}" if belief else ""))
+            tip = " ".join(f"{k}={fmt_num(v, '.3f')}" for k, v in (
+                ("logp", s.logp[j]), ("c", s.c[j]), ("H", s.H[j]), ("r", s.r[j]),
+                ("V", s.V[j]), ("delta", s.delta[j]))) + (f" | {belief}" if belief else "")
             parts.append(
                 f"<span class='tok' style='background:{_colour(s.delta[j], scale)}' "
                 f"title='{html.escape(tip, quote=True)}'>{html.escape(tok)}</span>"
@@ -65,27 +71,35 @@ def write_html(path: str | os.PathLike, scores: list[TextScore], model: str, tra
     write_text(path, trace_html(scores, model, trained))
 
 
-def write_plot(path: str | os.PathLike, scores: list[TextScore], model: str) -> None:
-    """PNG: r, V, delta and the belief over tokens, one column of panels per text (max 4)."""
+def plot_figure(scores: list[TextScore], model: str, names: list[str] | None = None
+                ) -> Figure:
+    """The matplotlib Figure of write_plot: per text (max 4) a column of panels over the
+    tokens: r, V, delta and the belief. r and V get a panel each: V sums discounted future
+    r, so it is often many times larger, and on a shared axis its scale flattens r."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shown = scores[:4]
-    fig, axes = plt.subplots(3, len(shown), figsize=(6 * len(shown), 7.5), squeeze=False,
+    names = list(names or [])[: len(shown)]
+    names += [f"text {k + 1}" for k in range(len(names), len(shown))]
+    fig, axes = plt.subplots(4, len(shown), figsize=(6 * len(shown), 9.5), squeeze=False,
                              sharex="col")
     for k, s in enumerate(shown):
         x = range(len(s.tokens))
-        ax = axes[0][k]
-        ax.plot(x, s.r, label="r", lw=1)
-        ax.plot(x, s.V, label="V", lw=1)
-        ax.set_title(f"text {k + 1}: TD reward {s.summary['td_reward']:.3f}")
-        ax.legend(loc="lower right")
-        ax = axes[1][k]
+        for ax, values, label, colour in ((axes[0][k], s.r, "r", "C0"),
+                                          (axes[1][k], s.V, "V", "C1")):
+            ax.plot(x, values, label=label, lw=1, color=colour)
+            ax.set_ylabel(label)
+        # The sign of r matters (surprise below the base rate); V keeps its own range.
+        axes[0][k].axhline(0, color="grey", lw=0.6)
+        td = fmt_num(s.summary.get("td_reward"), ".3f")
+        axes[0][k].set_title(f"{names[k]}: TD reward {td}")
+        ax = axes[2][k]
         ax.bar(x, s.delta, color=["#2ea043" if d >= 0 else "#d63031" for d in s.delta])
         ax.set_ylabel("delta")
-        ax = axes[2][k]
+        ax = axes[3][k]
         if s.state_names and len(s.state_names) <= 8:
             for i, name in enumerate(s.state_names):
                 ax.plot(x, [b[i] for b in s.belief], label=name, lw=1)
@@ -97,6 +111,16 @@ def write_plot(path: str | os.PathLike, scores: list[TextScore], model: str) -> 
         ax.set_xlabel("token")
     fig.suptitle(f"tdreward trace — {model}")
     fig.tight_layout()
+    return fig
+
+
+def write_plot(path: str | os.PathLike, scores: list[TextScore], model: str,
+               names: list[str] | None = None) -> None:
+    """PNG of plot_figure: r, V, delta and the belief over tokens, a column per text (max 4),
+    titled by `names` (default "text 1", "text 2", ...)."""
+    import matplotlib.pyplot as plt
+
+    fig = plot_figure(scores, model, names)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

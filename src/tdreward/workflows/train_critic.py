@@ -13,6 +13,7 @@ One readable file, every hyperparameter in one dataclass (in the spirit of Clean
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tdreward import __version__
@@ -30,10 +32,19 @@ from tdreward.reward.config import RewardConfig
 from tdreward.reward.critic import LMFeatures
 from tdreward.reward.td import lambda_returns, td_errors
 from tdreward.reward.terms import immediate_reward
-from tdreward.reward_model import TDRewardModel
+from tdreward.reward_model import TDRewardModel, check_state_name
+from tdreward.validation import check_output_dir, validate
 from tdreward.workflows.io import atomic_path, write_json
 
 log = logging.getLogger("tdreward")
+
+
+# Flag ranges, checked when the config is built (tdreward.validation).
+CRITIC_RULES = {
+    "max_tokens": ">=2", "epochs": ">=1", "batch_size": ">=1", "lr": ">0", "weight_decay": ">=0",
+    "gamma": "[0, 1]", "td_lambda": "[0, 1]", "context_timescales": ">0", "window": ">=2",
+    "val_fraction": "(0, 1)", "patience": ">=1", "lm_batch_size": ">=1",
+}
 
 
 @dataclass
@@ -65,9 +76,19 @@ class CriticTrainingConfig:
     doc_end_terminal: bool = False
     lm_batch_size: int = 8
 
+    def __post_init__(self) -> None:
+        validate(self, CRITIC_RULES)
+        if not self.dataset:
+            raise TDRewardError("--dataset is required (HF dataset name or local file/folder)")
+        check_state_name(self.state)
+        RewardConfig(alpha=self.alpha, beta=self.beta, gamma=self.gamma,
+                      td_lambda=self.td_lambda, context_timescales=list(self.context_timescales))
+        check_output_dir(self.output_dir, "--output_dir")
+
     def cache_key(self) -> dict:
-        """What the LM-feature cache depends on: reuse it only when all of these match."""
-        keys = ("base_model", "dataset", "dataset_config", "split", "max_tokens", "window")
+        """The settings the LM-feature cache depends on. The corpus and the reference model
+        count by content, not by name (`feature_cache_key`)."""
+        keys = ("max_tokens", "window")
         return {k: getattr(self, k) for k in keys} | {"tdreward_version": __version__}
 
 
@@ -76,7 +97,7 @@ def _tokenise_corpus(rm: TDRewardModel, docs: list[str], max_tokens: int | None)
     rows: list[list[int]] = []
     total = 0
     for doc in docs:
-        ids = rm.tokenizer(doc, add_special_tokens=True)["input_ids"]
+        ids = rm.encode([doc])[0]  # after the prefix token, as `score` reads a text
         if max_tokens is not None and total + len(ids) > max_tokens:
             ids = ids[: max_tokens - total]
         if len(ids) >= 2:
@@ -98,14 +119,70 @@ def _windows(rows: list[list[int]], window: int):
     return out
 
 
-def build_feature_cache(cfg: CriticTrainingConfig, rm: TDRewardModel, docs: list[str],
-                        cache_dir: Path) -> dict[str, torch.Tensor]:
-    """Run the frozen LM over the corpus once; reuse the on-disk cache when it matches."""
-    meta_path, data_path = cache_dir / "meta.json", cache_dir / "features.safetensors"
-    if (meta_path.is_file() and data_path.is_file()
-            and json.loads(meta_path.read_text()).get("key") == cfg.cache_key()):
-        log.info("reusing the LM feature cache in %s", cache_dir)
+def model_fingerprint(lm, tokenizer) -> str:
+    """sha256 of what a reference model computes with: its configuration, every parameter
+    and buffer (tied weights once) and its tokenizer. Paths and spec strings are left out: the
+    same model reached another way is the same model, and a file changed in place is not."""
+    h = hashlib.sha256()
+    config = {k: v for k, v in lm.config.to_dict().items()
+              if k not in ("_name_or_path", "transformers_version")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, t in [*lm.named_parameters(), *lm.named_buffers()]:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the whole pipeline: vocabulary, merges, added BOS/EOS
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def feature_cache_key(cfg: CriticTrainingConfig, rm: TDRewardModel, docs: list[str]) -> str:
+    """sha256 naming the LM features of a corpus: the texts themselves, the reference model's
+    fingerprint and the settings that cut the windows. Editing the corpus file (or pointing
+    --base_model at a changed model) changes it; renaming or moving the file does not."""
+    h = hashlib.sha256()
+    h.update(json.dumps(cfg.cache_key(), sort_keys=True).encode())
+    h.update(model_fingerprint(rm.lm, rm.tokenizer).encode())
+    for doc in docs:
+        raw = doc.encode("utf-8")
+        h.update(len(raw).to_bytes(8, "little"))  # so that document boundaries count
+        h.update(raw)
+    return h.hexdigest()
+
+
+def _cached_features(data_path: Path, key: str) -> dict[str, torch.Tensor] | None:
+    """The cached features when they were computed for `key`; None otherwise. The key is read
+    from the file's own header (one atomic file: never new features with an old key)."""
+    if not data_path.is_file():
+        return None
+    try:
+        with safe_open(str(data_path), framework="pt") as f:
+            stored = (f.metadata() or {}).get("key")
+        if stored != key:
+            log.info("the LM feature cache in %s is for another corpus, model or settings: "
+                     "recomputing it", data_path.parent)
+            return None
         return load_file(str(data_path))
+    except (SafetensorError, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        log.warning("the LM feature cache %s is damaged (%s); recomputing it", data_path, first)
+        return None
+
+
+def build_feature_cache(cfg: CriticTrainingConfig, rm: TDRewardModel, docs: list[str],
+                        cache_dir: Path, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Run the frozen LM over the corpus once; reuse the on-disk cache when it was computed
+    from the same texts, model and settings (`key`, default `feature_cache_key`)."""
+    key = key or feature_cache_key(cfg, rm, docs)
+    meta_path, data_path = cache_dir / "meta.json", cache_dir / "features.safetensors"
+    cached = _cached_features(data_path, key)
+    if cached is not None:
+        log.info("reusing the LM feature cache in %s", cache_dir)
+        return cached
     rows, total = _tokenise_corpus(rm, docs, cfg.max_tokens)
     if total < cfg.window:
         raise TDRewardError(
@@ -133,8 +210,9 @@ def build_feature_cache(cfg: CriticTrainingConfig, rm: TDRewardModel, docs: list
     }
     cache_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(data_path) as tmp:
-        save_file({k: v.contiguous() for k, v in data.items()}, str(tmp))
-    write_json(meta_path, {"key": cfg.cache_key(), "n_windows": len(wins), "n_tokens": total})
+        save_file({k: v.contiguous() for k, v in data.items()}, str(tmp), metadata={"key": key})
+    write_json(meta_path, {"key": key, "settings": cfg.cache_key(), "n_windows": len(wins),
+                           "n_tokens": total})  # for people: the key in the file decides
     return data
 
 
@@ -224,26 +302,47 @@ def _resume_settings(cfg: CriticTrainingConfig) -> dict:
     return d
 
 
-def _save_checkpoint(path: Path, cfg: CriticTrainingConfig, rm, opt, epoch: int, best: dict,
+def _save_checkpoint(path: Path, settings: dict, rm, opt, epoch: int, best: dict,
                      history: list) -> None:
+    """checkpoint.safetensors holds the tensors and, in its header, the state that goes with
+    them: one atomic file, so a kill never pairs one epoch's weights with another epoch's
+    counters. checkpoint.json is its readable copy, written after it."""
     tensors = {f"critic.{k}": v.detach().contiguous() for k, v in rm.critic.state_dict().items()}
     tensors |= {f"best.{k}": v.contiguous() for k, v in best["state"].items()}
     opt_state = opt.state_dict()
     for pid, st in opt_state["state"].items():
         for k, v in st.items():
             tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).contiguous()
-    path.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path / "checkpoint.safetensors") as tmp:
-        save_file(tensors, str(tmp))
-    meta = {"settings": _resume_settings(cfg), "epoch": epoch, "best_epoch": best["epoch"], "best_val": best["val"],
+    meta = {"settings": settings, "epoch": epoch, "best_epoch": best["epoch"], "best_val": best["val"],
             "bad_epochs": best["bad"], "history": history,
             "param_groups": opt_state["param_groups"]}
+    meta = json.loads(json.dumps(meta))
+    path.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path / "checkpoint.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"checkpoint": json.dumps(meta)})
     write_json(path / "checkpoint.json", meta)
 
 
-def _load_checkpoint(path: Path, rm, opt) -> tuple[int, dict, list]:
+def _checkpoint_meta(path: Path) -> dict | None:
+    """The state saved with the checkpoint in `path`; None when there is none or it is damaged
+    (a checkpoint only saves time: a damaged one means starting over, with a warning)."""
+    tensors = path / "checkpoint.safetensors"
+    if not tensors.is_file():
+        return None
+    try:
+        with safe_open(str(tensors), framework="pt") as f:
+            text = (f.metadata() or {}).get("checkpoint")
+        if text is None:  # written before the state moved into the tensor file
+            return json.loads((path / "checkpoint.json").read_text())
+        return json.loads(text)
+    except (SafetensorError, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        log.warning("the checkpoint in %s is damaged (%s): starting over", path, first)
+        return None
+
+
+def _load_checkpoint(path: Path, meta: dict, rm, opt) -> tuple[int, dict, list]:
     t = load_file(str(path / "checkpoint.safetensors"))
-    meta = json.loads((path / "checkpoint.json").read_text())
     rm.critic.load_state_dict({k[7:]: v for k, v in t.items() if k.startswith("critic.")})
     state: dict = {}
     for k, v in t.items():
@@ -268,13 +367,14 @@ def train_critic(cfg: CriticTrainingConfig, rm: TDRewardModel | None = None,
                               td_lambda=cfg.td_lambda, state=cfg.state,
                               context_timescales=list(cfg.context_timescales),
                               value_uses_hidden=cfg.value_uses_hidden)
+    if docs is None:  # read (and check) the corpus before the model loads
+        docs = load_corpus(cfg.dataset, cfg.dataset_config, split=cfg.split)
     if rm is None:
         rm = TDRewardModel.from_base(cfg.base_model, reward_cfg)
     else:
         rm = TDRewardModel.from_lm(rm.lm, rm.tokenizer, cfg.base_model, reward_cfg)
-    if docs is None:
-        docs = load_corpus(cfg.dataset, cfg.dataset_config, split=cfg.split)
-    data = build_feature_cache(cfg, rm, docs, out / "cache")
+    features_key = feature_cache_key(cfg, rm, docs)
+    data = build_feature_cache(cfg, rm, docs, out / "cache", features_key)
     data["done"] = _terminal_states(rm, data, cfg.doc_end_terminal)
     counts = torch.bincount(data["input_ids"][data["mask"].bool()],
                             minlength=rm.critic.vocab_size)[: rm.critic.vocab_size]
@@ -289,13 +389,15 @@ def train_critic(cfg: CriticTrainingConfig, rm: TDRewardModel | None = None,
     start_epoch, history = 0, []
     best = {"epoch": 0, "val": float("inf"), "bad": 0,
             "state": {k: v.clone() for k, v in rm.critic.state_dict().items()}}
-    if (ckpt / "checkpoint.json").is_file():
-        saved = json.loads((ckpt / "checkpoint.json").read_text()).get("settings")
-        if saved == json.loads(json.dumps(_resume_settings(cfg))):
-            start_epoch, best, history = _load_checkpoint(ckpt, rm, opt)
+    # Features of another corpus or model make another run, whatever the flags say.
+    settings = json.loads(json.dumps(_resume_settings(cfg) | {"features": features_key}))
+    saved = _checkpoint_meta(ckpt)
+    if saved is not None:
+        if saved.get("settings") == settings:
+            start_epoch, best, history = _load_checkpoint(ckpt, saved, rm, opt)
             log.info("resuming after epoch %d from %s", start_epoch, ckpt)
         else:
-            log.warning("%s holds a checkpoint of other settings: starting over", ckpt)
+            log.warning("%s holds a checkpoint of other settings or data: starting over", ckpt)
     from tqdm.auto import tqdm
 
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -335,7 +437,7 @@ def train_critic(cfg: CriticTrainingConfig, rm: TDRewardModel | None = None,
                     "state": {k: v.detach().clone() for k, v in rm.critic.state_dict().items()}}
         else:
             best["bad"] += 1
-        _save_checkpoint(ckpt, cfg, rm, opt, epoch, best, history)
+        _save_checkpoint(ckpt, settings, rm, opt, epoch, best, history)
     rm.critic.load_state_dict(best["state"])
     final = evaluate(rm, data, val_idx, cfg.batch_size) if len(val_idx) else {}
     metrics = {
