@@ -26,7 +26,7 @@ import time
 import torch
 
 from tdreward.backends.generation import BackendOptions, make_generator
-from tdreward.workflows.compare import load_prompt_texts
+from tdreward.evaluation.compare import load_prompt_texts
 
 MODEL = "embedded:smollm2-135m-instruct"
 

@@ -34,7 +34,7 @@ from tdreward.reward.belief import observation_features
 from tdreward.reward.td import lambda_returns, td_errors
 from tdreward.reward.terms import immediate_reward
 from tdreward.reward_model import TDRewardModel
-from tdreward.workflows.train_critic import _feats, _split, _terminal_states
+from tdreward.training.critic_trainer import _feats, _split, _terminal_states
 
 FAMILIES = ("constant", "slow", "context", "context+position")
 

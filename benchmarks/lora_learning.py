@@ -29,9 +29,9 @@ from tdreward.backends.hf import load_model
 from tdreward.data import load_prompts
 from tdreward.integrations.trl import TDRewardFunction
 from tdreward.reward_model import TDRewardModel
-from tdreward.workflows.io import write_json
-from tdreward.workflows.lora import LoraTrainingConfig, run_lora
-from tdreward.workflows.lora_setup import PadCollator, encode_pairs, format_prompt
+from tdreward.io import write_json
+from tdreward.training.lora_trainer import LoraTrainingConfig, run_lora
+from tdreward.training.lora_setup import PadCollator, encode_pairs, format_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -73,8 +73,8 @@ def main() -> None:
     from tdreward.backends.hf import load_model
     from tdreward.data.prompts import load_prompts
     from tdreward.reward_model import TDRewardModel
-    from tdreward.workflows.ppo import PPOConfig, train_ppo
-    from tdreward.workflows.rollout import TDShapedReward, encode_prompts, evaluate_policy
+    from tdreward.training.ppo_trainer import PPOConfig, train_ppo
+    from tdreward.training.rollout import TDShapedReward, encode_prompts, evaluate_policy
 
     train_p = [p.prompt for p in load_prompts(args.train_prompts)]
     eval_p = [p.prompt for p in load_prompts(args.eval_prompts)][: args.max_eval_prompts]

@@ -23,7 +23,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from tdreward.data import load_prompts
 from tdreward.integrations.trl import TDRewardFunction
-from tdreward.workflows.lora import default_target_modules, resolve_model_dir
+from tdreward.training.lora_trainer import default_target_modules, resolve_model_dir
 
 
 def main() -> None:

@@ -63,7 +63,7 @@ def _leftovers(root: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def tiny_gguf(tokenizer, tmp_path_factory) -> Path:
     """A tiny random Llama on the SmolLM2 tokenizer, exported to an f32 GGUF by `export`."""
-    from tdreward.workflows.export_gguf import write_gguf
+    from tdreward.export.gguf_writer import write_gguf
 
     lm = make_tiny_lm(len(tokenizer), seed=7)
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"

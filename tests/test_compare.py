@@ -14,8 +14,8 @@ from ollama_api_server import serve_ollama_api
 from tdreward.backends.embedded import gguf_path
 from tdreward.cli import main
 from tdreward.reward_model import TDRewardModel
-from tdreward.workflows import stats
-from tdreward.workflows.compare import CompareConfig, compare_models, score_responses
+from tdreward.evaluation import stats
+from tdreward.evaluation.compare import CompareConfig, compare_models, score_responses
 
 SMOL = "embedded:smollm2-135m-instruct"
 GEMMA = "embedded:gemma3-270m"
@@ -218,7 +218,7 @@ def test_quickstart_trains_once_then_reuses(tmp_path, capsys) -> None:
     res = json.loads((tmp_path / "q" / "results.json").read_text())
     assert res["reward_model"]["trained"] and set(res["models"]) == {SMOL, GEMMA}
     assert (tmp_path / "q" / "report.html").is_file()
-    from tdreward.workflows.quickstart import QuickstartConfig, ensure_critic
+    from tdreward.recipes.quickstart import QuickstartConfig, ensure_critic
 
     before = (critic / "critic.safetensors").stat().st_mtime_ns
     assert ensure_critic(QuickstartConfig(critic_dir=str(critic))) == (critic, False)

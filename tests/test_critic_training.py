@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from conftest import make_tiny_lm
 from tdreward.reward.td import discounted_return
 from tdreward.reward_model import TDRewardModel
-from tdreward.workflows.train_critic import CriticTrainingConfig, train_critic
+from tdreward.training.critic_trainer import CriticTrainingConfig, train_critic
 
 WORDS = ["river", "stone", "lamp", "quiet", "orbit", "velvet", "cedar", "harbor", "signal", "maple", "copper", "violin", "thunder", "meadow", "prism", "falcon", "lantern", "glacier", "ember", "saddle"]
 

@@ -16,9 +16,10 @@ from conftest import EMBEDDED, WIKITEXT
 from tdreward.backends.llamacpp import _gathered_logprobs
 from tdreward.cli import main
 from tdreward.errors import TDRewardError
-from tdreward.workflows import export_gguf, gguf_arch
-from tdreward.workflows.export_gguf import write_gguf
-from tdreward.workflows.gguf_tokenizer import read_metadata
+from tdreward.export import gguf_writer as export_gguf
+from tdreward.export import architectures as gguf_arch
+from tdreward.export.gguf_writer import write_gguf
+from tdreward.export.tokenizer import read_metadata
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 from conftest import EMBEDDED, REPO, make_tiny_lm
 from tdreward import RewardConfig, TDRewardModel
 from tdreward.errors import TDRewardError
-from tdreward.workflows.lora import (
+from tdreward.training.lora_trainer import (
     LoraTrainingConfig,
     TDRewardTrainer,
     default_target_modules,
@@ -20,7 +20,7 @@ from tdreward.workflows.lora import (
     run_lora,
     td_weights,
 )
-from tdreward.workflows.lora_setup import (
+from tdreward.training.lora_setup import (
     IGNORE,
     PadCollator,
     encode_pair,

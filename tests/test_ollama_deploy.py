@@ -23,10 +23,10 @@ from ollama_api_server import OllamaAPIServer, _Handler
 from tdreward.backends.embedded import gguf_path
 from tdreward.cli import main
 from tdreward.errors import TDRewardError
-from tdreward.workflows.export_gguf import write_gguf
-from tdreward.workflows.gguf_tokenizer import chat_template_of
-from tdreward.workflows.ollama_deploy import OllamaAPI
-from tdreward.workflows.ollama_modelfile import (
+from tdreward.export.gguf_writer import write_gguf
+from tdreward.export.tokenizer import chat_template_of
+from tdreward.ollama.deploy import OllamaAPI
+from tdreward.ollama.modelfile import (
     CHATML_TEMPLATE,
     Modelfile,
     ModelfileError,

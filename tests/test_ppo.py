@@ -18,9 +18,9 @@ import torch
 
 from conftest import EMBEDDED, assert_one_line_error, make_tiny_lm
 from tdreward.errors import TDRewardError
-from tdreward.workflows.ppo import PPOConfig, gae, train_ppo, whiten
-from tdreward.workflows.ppo_checkpoint import flatten_optimizer, unflatten_optimizer
-from tdreward.workflows.rollout import kl_penalty, repetition_rate, response_mask
+from tdreward.training.ppo_trainer import PPOConfig, gae, train_ppo, whiten
+from tdreward.training.ppo_checkpoint import flatten_optimizer, unflatten_optimizer
+from tdreward.training.rollout import kl_penalty, repetition_rate, response_mask
 
 WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", *"abcdefghijklmnop"]  # Llama's ids: bos 1, eos 2
 TIMING = ("tokens_per_s", "step_time_s", "elapsed_s")

@@ -17,9 +17,10 @@ from tdreward.commands.compare import print_results
 from tdreward.commands.score import print_scores, read_texts
 from tdreward.display import fmt_num, fmt_pct, print_table, text_name
 from tdreward.reward_model import TextScore
-from tdreward.workflows import stats, trace
-from tdreward.workflows.compare import comparisons, summarise_model
-from tdreward.workflows.report import summary_rows
+from tdreward.evaluation import stats
+from tdreward.evaluation import trace
+from tdreward.evaluation.compare import comparisons, summarise_model
+from tdreward.evaluation.report import summary_rows
 
 SMOL = "embedded:smollm2-135m-instruct"
 # A name as long as real GGUF paths get: the table must print it whole, not "gguf:/mod…".
@@ -104,7 +105,7 @@ def test_no_negative_zero_and_shares_as_percentages() -> None:
 
 
 def test_html_report_shows_percentages_and_pairing() -> None:
-    from tdreward.workflows.report import report_html
+    from tdreward.evaluation.report import report_html
 
     prompts, seeds = ["p1", "p2"], [0, 1]
     res = _results({SMOL: _model([0.1, -0.2], prompts, seeds),
@@ -230,7 +231,7 @@ def test_plot_puts_r_and_v_on_separate_axes(tmp_path) -> None:
 
 
 def test_lora_example_counts_read_as_words() -> None:
-    from tdreward.workflows.lora_setup import describe_examples
+    from tdreward.training.lora_setup import describe_examples
 
     assert describe_examples(67, "pairs") == "67 prompt/completion pairs"
     assert describe_examples(12, "text") == "12 text examples"

@@ -25,7 +25,7 @@ from tdreward.reward.config import RewardConfig
 from tdreward.reward.critic import LMFeatures, TDCritic
 from tdreward.reward.lm import context_length, extract_features
 from tdreward.reward.td import discounted_return
-from tdreward.workflows.io import atomic_path, write_json
+from tdreward.io import atomic_path, write_json
 
 log = logging.getLogger("tdreward")
 

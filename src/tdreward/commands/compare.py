@@ -114,7 +114,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
 
 def _compare_config(args: argparse.Namespace, models: list[str]):
-    from tdreward.workflows.compare import CompareConfig
+    from tdreward.evaluation.compare import CompareConfig
 
     return CompareConfig(
         models=models, num_samples=args.num_samples, prompts=args.prompts,
@@ -137,7 +137,7 @@ def _compare_config(args: argparse.Namespace, models: list[str]):
 
 
 def run_compare(args: argparse.Namespace) -> int:
-    from tdreward.workflows.compare import run_compare as run
+    from tdreward.evaluation.compare import run_compare as run
 
     results = run(_compare_config(args, args.models))
     print_results(results)
@@ -145,7 +145,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
 
 def run_test_instruct(args: argparse.Namespace) -> int:
-    from tdreward.workflows.compare import run_compare as run
+    from tdreward.evaluation.compare import run_compare as run
 
     name = args.ollama_model.removeprefix("ollama:")
     if not name:
@@ -157,8 +157,8 @@ def run_test_instruct(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from tdreward.workflows.evaluate import EvaluateConfig
-    from tdreward.workflows.evaluate import run_evaluate as run
+    from tdreward.evaluation.evaluate import EvaluateConfig
+    from tdreward.evaluation.evaluate import run_evaluate as run
 
     cfg = EvaluateConfig(
         base_model=args.base_model, fine_tuned_model=args.fine_tuned_model,
@@ -194,7 +194,7 @@ def print_results(results: dict, samples: int = 0) -> None:
     from rich.table import Table
 
     from tdreward.display import fmt_num, print_table
-    from tdreward.workflows.report import SUMMARY_HEADER, pairing, summary_rows
+    from tdreward.evaluation.report import SUMMARY_HEADER, pairing, summary_rows
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     rm = results["reward_model"]

@@ -31,7 +31,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tdreward.workflows.export_gguf import ExportOptions, export
+    from tdreward.export.gguf_writer import ExportOptions, export
 
     info = export(ExportOptions(model_path=args.model_path, outfile=args.outfile,
                                 outtype=args.outtype, adapter=args.adapter,

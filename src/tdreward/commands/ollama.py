@@ -89,7 +89,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tdreward.workflows.ollama_deploy import OllamaConfig, run_ollama
+    from tdreward.ollama.deploy import OllamaConfig, run_ollama
 
     run_ollama(OllamaConfig(
         action=args.action, model_name=args.model_name, model_path=args.model_path,
@@ -104,8 +104,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_finetune(args: argparse.Namespace) -> int:
-    from tdreward.workflows.ollama_finetune import FinetuneConfig
-    from tdreward.workflows.ollama_finetune import run_finetune as go
+    from tdreward.recipes.ollama_finetune import FinetuneConfig
+    from tdreward.recipes.ollama_finetune import run_finetune as go
 
     go(FinetuneConfig(
         base_model=args.base_model, output_model=args.output_model, dataset=args.dataset,

@@ -34,7 +34,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tdreward.commands.compare import print_results
-    from tdreward.workflows.quickstart import QuickstartConfig, run_quickstart
+    from tdreward.recipes.quickstart import QuickstartConfig, run_quickstart
 
     results = run_quickstart(QuickstartConfig(
         output_dir=args.output_dir, num_samples=args.num_samples,

@@ -66,7 +66,7 @@ def read_texts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 def run(args: argparse.Namespace) -> int:
     from tdreward.validation import check_output_file
-    from tdreward.workflows import score as wf
+    from tdreward.evaluation import score as wf
 
     opts = wf.ScoreOptions(
         model=args.model, reward_model_path=args.reward_model_path, batch_size=args.batch_size,

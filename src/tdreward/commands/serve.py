@@ -57,7 +57,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tdreward.errors import TDRewardError
-    from tdreward.workflows.export_gguf import cached_gguf
+    from tdreward.export.gguf_writer import cached_gguf
 
     if not 0 < args.port < 65536:
         raise TDRewardError(f"--port must be in 1..65535, got {args.port}")

@@ -85,7 +85,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tdreward.workflows.ppo import PPOConfig, train_ppo
+    from tdreward.training.ppo_trainer import PPOConfig, train_ppo
 
     cfg = PPOConfig(
         base_model=args.base_model, reward_model_path=args.reward_model_path,

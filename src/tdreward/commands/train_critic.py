@@ -35,7 +35,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tdreward.workflows.train_critic import CriticTrainingConfig, train_critic
+    from tdreward.training.critic_trainer import CriticTrainingConfig, train_critic
 
     cfg = CriticTrainingConfig(
         base_model=args.base_model, dataset=args.dataset, dataset_config=args.dataset_config,

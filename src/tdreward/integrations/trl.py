@@ -47,7 +47,7 @@ class TDRewardFunction:
         """Load the reward model once: a trained critic (its own reference LM unless
         `base_model` is given) or, without a path, an untrained critic on `base_model`."""
         from tdreward.backends.embedded import DEFAULT_MODEL
-        from tdreward.workflows.score import ScoreOptions, load_reward_model
+        from tdreward.evaluation.score import ScoreOptions, load_reward_model
 
         if reward_model_path and not base_model:
             from pathlib import Path

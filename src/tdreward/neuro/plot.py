@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tdreward.workflows.io import atomic_path  # noqa: E402
+from tdreward.io import atomic_path  # noqa: E402
 
 COLOURS = {
     "conditioning": "#1f77b4",

@@ -4,7 +4,7 @@
    reports in `/api/show` (the Modelfile's FROM: a blob path, readable when the server runs on
    this machine), or directly a `gguf:PATH` / `embedded:NAME` / `.gguf` file / transformers
    directory, which needs no server.
-2. LoRA-fine-tune it in transformers with the TD-weighted loss (`tdreward.workflows.lora`:
+2. LoRA-fine-tune it in transformers with the TD-weighted loss (`tdreward.training.lora_trainer`:
    `TDRewardTrainer`, then the adapter merged into the base).
 3. Export the merged model to GGUF (tokenizer and chat template copied from the base GGUF) and
    write a Modelfile next to it.
@@ -25,8 +25,8 @@ from pathlib import Path
 
 from tdreward.errors import TDRewardError
 from tdreward.validation import check_choice, check_output_dir, validate
-from tdreward.workflows.io import write_json
-from tdreward.workflows.ollama_deploy import OllamaAPI, create_in_ollama, safe_name, write_modelfile
+from tdreward.io import write_json
+from tdreward.ollama.deploy import OllamaAPI, create_in_ollama, safe_name, write_modelfile
 
 log = logging.getLogger("tdreward")
 
@@ -111,7 +111,7 @@ def resolve_base(spec: str, host: str | None) -> BaseModel:
     `hf:ID` is a hub id; anything else (`llama2:7b`, `ollama:NAME`) is an Ollama model."""
     from tdreward.backends.hf import resolve_gguf
     from tdreward.specs import parse_spec
-    from tdreward.workflows.export_gguf import source_gguf_of
+    from tdreward.export.gguf_writer import source_gguf_of
 
     spec = spec.strip()
     if re.match(r"^(gguf|embedded|llamacpp|hf|hub):", spec, flags=re.I):
@@ -135,8 +135,8 @@ def resolve_base(spec: str, host: str | None) -> BaseModel:
 
 def _check_architecture(base: BaseModel) -> None:
     """Fail before training when the result could not be exported."""
-    from tdreward.workflows.export_gguf import SUPPORTED
-    from tdreward.workflows.gguf_tokenizer import read_metadata
+    from tdreward.export.gguf_writer import SUPPORTED
+    from tdreward.export.tokenizer import read_metadata
 
     if base.gguf is None:
         return
@@ -149,7 +149,7 @@ def _check_architecture(base: BaseModel) -> None:
 
 def _compare(cfg: FinetuneConfig, before: str, after: str, reward_base: str) -> dict:
     """TD reward of both models' responses to the bundled held-out prompts."""
-    from tdreward.workflows.compare import (
+    from tdreward.evaluation.compare import (
         CompareConfig,
         compare_models,
         comparisons,
@@ -179,7 +179,7 @@ def print_comparison(c: dict) -> None:
     from rich.table import Table
 
     from tdreward.display import fmt_num, print_table
-    from tdreward.workflows.report import pairing
+    from tdreward.evaluation.report import pairing
 
     table = Table(title=f"TD reward of the responses to {c['samples']} held-out prompts")
     for col in ("model", "mean TD reward", "95% CI", "n"):
@@ -205,10 +205,10 @@ def _stage(i: int, what: str) -> None:
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
     from tdreward.backends.hf import load_model
-    from tdreward.workflows.export_gguf import write_gguf
-    from tdreward.workflows.gguf_tokenizer import chat_template_of
-    from tdreward.workflows.lora import LoraTrainingConfig, run_lora
-    from tdreward.workflows.ollama_deploy import check_model_name
+    from tdreward.export.gguf_writer import write_gguf
+    from tdreward.export.tokenizer import chat_template_of
+    from tdreward.training.lora_trainer import LoraTrainingConfig, run_lora
+    from tdreward.ollama.deploy import check_model_name
 
     name = check_model_name(cfg.output_model)
     start = time.perf_counter()

@@ -34,7 +34,7 @@ from tdreward.reward.td import lambda_returns, td_errors
 from tdreward.reward.terms import immediate_reward
 from tdreward.reward_model import TDRewardModel, check_state_name
 from tdreward.validation import check_output_dir, validate
-from tdreward.workflows.io import atomic_path, write_json
+from tdreward.io import atomic_path, write_json
 
 log = logging.getLogger("tdreward")
 

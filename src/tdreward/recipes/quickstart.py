@@ -17,7 +17,7 @@ from pathlib import Path
 from tdreward.backends.embedded import DEFAULT_MODEL
 from tdreward.backends.embedded import cache_dir as tdreward_cache
 from tdreward.validation import check_output_dir, validate
-from tdreward.workflows.compare import (
+from tdreward.evaluation.compare import (
     DEFAULT_MODELS,
     TRAINING_DATA,
     CompareConfig,
@@ -64,7 +64,7 @@ def ensure_critic(cfg: QuickstartConfig) -> tuple[Path, bool]:
 
 def _ensure_critic(cfg: QuickstartConfig, final: Path) -> tuple[Path, bool]:
     from tdreward.reward_model import CONFIG_NAME, WEIGHTS_NAME
-    from tdreward.workflows.train_critic import CriticTrainingConfig, train_critic
+    from tdreward.training.critic_trainer import CriticTrainingConfig, train_critic
 
     if cfg.retrain and final.exists():
         shutil.rmtree(final)

@@ -29,8 +29,8 @@ from pathlib import Path
 from tdreward.backends.embedded import DEFAULT_MODEL
 from tdreward.errors import TDRewardError
 from tdreward.validation import check_choice, check_output_dir, check_output_file, validate
-from tdreward.workflows.io import write_text
-from tdreward.workflows.ollama_modelfile import create_fields, modelfile_for
+from tdreward.io import write_text
+from tdreward.ollama.modelfile import create_fields, modelfile_for
 
 log = logging.getLogger("tdreward")
 
@@ -228,7 +228,7 @@ def _as_gguf(model_path: str) -> Path | None:
 def write_modelfile(gguf: Path, out_dir: Path, system: str | None = None,
                     template_file: str | None = None) -> Path:
     """Modelfile for `gguf` in `out_dir` (TEMPLATE/stops/SYSTEM from its chat template)."""
-    from tdreward.workflows.gguf_tokenizer import chat_template_of
+    from tdreward.export.tokenizer import chat_template_of
 
     template = None
     if template_file:
@@ -244,7 +244,7 @@ def write_modelfile(gguf: Path, out_dir: Path, system: str | None = None,
 
 def prepare(cfg: OllamaConfig) -> tuple[Path, Path]:
     """(GGUF, Modelfile) for `create`: exports the model unless it is a GGUF already."""
-    from tdreward.workflows.export_gguf import ExportOptions, export
+    from tdreward.export.gguf_writer import ExportOptions, export
 
     if not cfg.model_path:
         raise TDRewardError("--model_path is required for --action create (a directory, hub "
@@ -334,8 +334,8 @@ def reward_reference(cfg: OllamaConfig) -> str:
 
 def run_evaluate(cfg: OllamaConfig) -> dict:
     """Generate with the Ollama model and score the responses with the TD reward model."""
-    from tdreward.workflows.compare import CompareConfig, compare_models, load_prompt_texts
-    from tdreward.workflows.io import write_json
+    from tdreward.evaluation.compare import CompareConfig, compare_models, load_prompt_texts
+    from tdreward.io import write_json
 
     name = check_model_name(cfg.model_name)
     prompts = list(cfg.prompt) or load_prompt_texts(cfg.prompts)[0]

@@ -31,9 +31,9 @@ from tdreward.errors import TDRewardError
 from tdreward.reward_model import TDRewardModel, TextScore
 from tdreward.specs import parse_spec
 from tdreward.validation import check_output_dir, validate
-from tdreward.workflows import stats
-from tdreward.workflows.gen_cache import GenerationCache, default_cache_dir, model_fingerprint
-from tdreward.workflows.io import write_json
+from tdreward.evaluation import stats
+from tdreward.evaluation.gen_cache import GenerationCache, default_cache_dir, model_fingerprint
+from tdreward.io import write_json
 
 log = logging.getLogger("tdreward")
 
@@ -336,7 +336,7 @@ def comparisons(models: dict[str, dict], n_boot: int = stats.N_BOOT) -> list[dic
 
 # --------------------------------------------------------------------------- the run
 def load_scorer(cfg: CompareConfig) -> TDRewardModel:
-    from tdreward.workflows.score import ScoreOptions, load_reward_model
+    from tdreward.evaluation.score import ScoreOptions, load_reward_model
 
     return load_reward_model(ScoreOptions(
         model=cfg.base_model, reward_model_path=cfg.reward_model_path, alpha=cfg.alpha,
@@ -362,7 +362,7 @@ def compare_models(cfg: CompareConfig, prompts: list[str], rm: TDRewardModel | N
 
 def run_compare(cfg: CompareConfig) -> dict:
     """The whole run; returns the results document (also written to output_dir)."""
-    from tdreward.workflows import report
+    from tdreward.evaluation import report
 
     prompts, source = load_prompt_texts(cfg.prompts)
     start = time.perf_counter()
@@ -379,7 +379,7 @@ def run_compare(cfg: CompareConfig) -> dict:
         "comparisons": comparisons(models, cfg.bootstrap),
     }
     if cfg.self_score:
-        from tdreward.workflows.selfscore import self_score_models
+        from tdreward.evaluation.selfscore import self_score_models
 
         corpus = cfg.self_score_corpus or str(bundled_data(TRAINING_DATA))
         results["self_scores"] = self_score_models(

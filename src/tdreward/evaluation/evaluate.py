@@ -18,16 +18,16 @@ from pathlib import Path
 from tdreward.backends.embedded import DEFAULT_MODEL
 from tdreward.errors import TDRewardError
 from tdreward.validation import check_output_dir, validate
-from tdreward.workflows import report
-from tdreward.workflows.compare import (
+from tdreward.evaluation import report
+from tdreward.evaluation.compare import (
     CompareConfig,
     check_generation_settings,
     compare_models,
     comparisons,
     load_scorer,
 )
-from tdreward.workflows.io import write_json
-from tdreward.workflows.selfscore import join_documents, reward_model_for, scoring_spec, self_score
+from tdreward.io import write_json
+from tdreward.evaluation.selfscore import join_documents, reward_model_for, scoring_spec, self_score
 
 
 @dataclass
@@ -84,7 +84,7 @@ def dataset_prompts(docs: list[str], n: int, words: int) -> list[str]:
 
 def run_evaluate(cfg: EvaluateConfig) -> dict:
     from tdreward.data.corpus import load_corpus
-    from tdreward.workflows.compare import load_prompt_texts
+    from tdreward.evaluation.compare import load_prompt_texts
 
     start = time.perf_counter()
     docs = load_corpus(cfg.dataset, cfg.dataset_config, split=cfg.split)[: cfg.num_samples]

@@ -35,7 +35,7 @@ from tdreward.reward_model import TDRewardModel
 from tdreward.specs import parse_spec
 
 if TYPE_CHECKING:
-    from tdreward.workflows.lora import LoraTrainingConfig
+    from tdreward.training.lora_trainer import LoraTrainingConfig
 
 log = logging.getLogger("tdreward")
 IGNORE = -100  # label of a position without loss (the transformers convention)
@@ -302,7 +302,7 @@ def resolve_target_modules(model, requested: list[str] | None) -> list[str]:
 # --------------------------------------------------------------------------- reward + trainer
 def build_reward_model(cfg: LoraTrainingConfig, lm, tokenizer) -> TDRewardModel:
     """The TD reward model around the model being trained (the critic loaded once)."""
-    from tdreward.workflows.score import UNTRAINED_WARNING
+    from tdreward.evaluation.score import UNTRAINED_WARNING
 
     overrides = {k: getattr(cfg, k) for k in ("alpha", "beta", "gamma")
                  if getattr(cfg, k) is not None}

@@ -28,10 +28,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tdreward.errors import TDRewardError
-from tdreward.workflows.io import atomic_path, write_json, write_text
+from tdreward.io import atomic_path, write_json, write_text
 
 if TYPE_CHECKING:
-    from tdreward.workflows.ppo import PPOConfig
+    from tdreward.training.ppo_trainer import PPOConfig
 
 PREFIX = "step_"
 

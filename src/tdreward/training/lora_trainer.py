@@ -41,8 +41,8 @@ from tdreward.cache_files import make_temp_dir, owner_tag, sweep_stale, temp_pat
 from tdreward.errors import TDRewardError
 from tdreward.reward_model import TDRewardModel
 from tdreward.validation import check_output_dir, validate
-from tdreward.workflows.io import write_json
-from tdreward.workflows.lora_setup import (
+from tdreward.io import write_json
+from tdreward.training.lora_setup import (
     IGNORE,
     ListDataset,
     PadCollator,

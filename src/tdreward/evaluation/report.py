@@ -1,5 +1,5 @@
 """Views of a comparison: a bar + box plot PNG and a self-contained HTML report (the table,
-the plot, sample responses and per-sample dopamine traces from tdreward.workflows.trace)."""
+the plot, sample responses and per-sample dopamine traces from tdreward.evaluation.trace)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 from tdreward.display import fmt_num, fmt_pct
 from tdreward.reward_model import TextScore
-from tdreward.workflows import trace
-from tdreward.workflows.io import atomic_path, write_text
+from tdreward.evaluation import trace
+from tdreward.io import atomic_path, write_text
 
 
 def _short(model: str) -> str:

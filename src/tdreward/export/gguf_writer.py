@@ -8,7 +8,7 @@ repository), so this is ours, written on the `gguf` library's `GGUFWriter`:
   undoes on load: the rotary Q/K row permutation for Llama, `norm + 1` for Gemma 3 (HF Gemma
   computes `x * (1 + w)`, llama.cpp `x * w`), and the Conv1D transpose for GPT-2;
 * hyperparameters under the architecture's GGUF keys;
-* tokenizer + chat template (see `tdreward.workflows.gguf_tokenizer`);
+* tokenizer + chat template (see `tdreward.export.tokenizer`);
 * outtype f32, f16 (1-D tensors stay f32) or q8_0 (`gguf.quants`; rows not divisible by 32
   fall back to f16), as llama.cpp's converter does.
 
@@ -28,9 +28,9 @@ import torch
 
 from tdreward.errors import TDRewardError
 from tdreward.validation import check_choice, check_output_file
-from tdreward.workflows import gguf_tokenizer
-from tdreward.workflows.gguf_arch import ARCHS, SUPPORTED, arch_for, permute_qk
-from tdreward.workflows.io import atomic_path
+from tdreward.export import tokenizer as gguf_tokenizer
+from tdreward.export.architectures import ARCHS, SUPPORTED, arch_for, permute_qk
+from tdreward.io import atomic_path
 
 log = logging.getLogger("tdreward")
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from tdreward.display import fmt_num
 from tdreward.reward_model import TextScore
-from tdreward.workflows.io import atomic_path, write_text
+from tdreward.io import atomic_path, write_text
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -34,10 +34,10 @@ from torch import Tensor, nn
 
 from tdreward.errors import TDRewardError
 from tdreward.validation import check_choice, validate
-from tdreward.workflows import ppo_checkpoint as ckpt
-from tdreward.workflows.io import write_json
-from tdreward.workflows.ppo_checkpoint import config_dict, finite_stats, flat_config
-from tdreward.workflows.rollout import (
+from tdreward.training import ppo_checkpoint as ckpt
+from tdreward.io import write_json
+from tdreward.training.ppo_checkpoint import config_dict, finite_stats, flat_config
+from tdreward.training.rollout import (
     Rollout,
     TDShapedReward,
     entropy,
@@ -271,7 +271,7 @@ class PPOResult:
 def _reward_model(cfg: PPOConfig, ref_lm, tokenizer, ref_context, accelerator):
     from tdreward.reward.config import RewardConfig
     from tdreward.reward_model import TDRewardModel
-    from tdreward.workflows.score import UNTRAINED_WARNING
+    from tdreward.evaluation.score import UNTRAINED_WARNING
 
     lm = ref_lm.get_base_model() if hasattr(ref_lm, "get_base_model") else ref_lm
     overrides = {k: getattr(cfg, k) for k in ("alpha", "beta", "gamma")

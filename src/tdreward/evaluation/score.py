@@ -15,8 +15,8 @@ from tdreward.reward_model import (
 )
 from tdreward.specs import DEFAULT_MODEL, parse_spec
 from tdreward.validation import validate
-from tdreward.workflows import trace
-from tdreward.workflows.io import write_json
+from tdreward.evaluation import trace
+from tdreward.io import write_json
 
 log = logging.getLogger("tdreward")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from tdreward.backends.embedded import cache_dir
 from tdreward.backends.generation import Generation
 from tdreward.specs import ModelSpec
-from tdreward.workflows.io import write_json
+from tdreward.io import write_json
 
 FORMAT = 1
 

@@ -1,0 +1,1 @@
+"""Export: transformers models (a LoRA adapter merged) written as GGUF files for llama.cpp and Ollama."""

@@ -1,0 +1,1 @@
+"""Ollama: Modelfiles from chat templates, create / run / evaluate / delete through the Ollama API."""

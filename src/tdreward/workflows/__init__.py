@@ -1,1 +1,0 @@
-"""Workflows: what the CLI runs (score, train-critic, compare, ...), above the library."""
