@@ -22,7 +22,8 @@ from conftest import REPO, make_tiny_lm
 from tdreward.cache_files import host_id, sweep_stale
 from tdreward.errors import TDRewardError
 from tdreward.reward.config import RewardConfig
-from tdreward.reward_model import CONFIG_NAME, WEIGHTS_NAME, TDRewardModel
+from tdreward.critic_files import CONFIG_NAME, WEIGHTS_NAME
+from tdreward.reward_model import TDRewardModel
 
 
 def _dead_pid() -> int:

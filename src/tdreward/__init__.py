@@ -1,15 +1,32 @@
-"""tdreward: a prospective, token-level temporal-difference reward for language models."""
+"""tdreward: a prospective, token-level temporal-difference reward for language models.
 
-__version__ = "0.1.0"
+The public names are imported on first use (PEP 562), so `import tdreward.cli` and
+`tdreward --help` do not pay for torch and transformers.
+"""
 
-from tdreward.reward import (  # noqa: E402
-    BeliefStateModel,
-    RewardConfig,
-    TDCritic,
-    ValueFunction,
-    register_state,
-)
-from tdreward.reward_model import TDRewardModel, TextScore  # noqa: E402
+from __future__ import annotations
+
+import importlib
+
+from tdreward.version import __version__
+
+_LAZY = {
+    "BeliefStateModel": "tdreward.reward",
+    "RewardConfig": "tdreward.reward",
+    "TDCritic": "tdreward.reward",
+    "ValueFunction": "tdreward.reward",
+    "register_state": "tdreward.reward",
+    "TDRewardModel": "tdreward.reward_model",
+    "TextScore": "tdreward.reward_model",
+    "RewardSettings": "tdreward.reward_settings",
+    "load_reward_model": "tdreward.reward_model",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'tdreward' has no attribute {name!r}")
 
 
 def load_model(spec: str, **kwargs):
@@ -19,7 +36,4 @@ def load_model(spec: str, **kwargs):
     return _load(spec, **kwargs)
 
 
-__all__ = [
-    "__version__", "BeliefStateModel", "RewardConfig", "TDCritic", "ValueFunction",
-    "register_state", "TDRewardModel", "TextScore", "load_model",
-]
+__all__ = ["__version__", "load_model", *_LAZY]

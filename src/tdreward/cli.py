@@ -14,9 +14,10 @@ import os
 import sys
 import warnings
 
-from tdreward import __version__
 from tdreward.commands import command_modules
-from tdreward.errors import TDRewardError
+from tdreward.errors import TDRewardError, first_line
+from tdreward.flags import apply_config_file
+from tdreward.version import __version__
 
 log = logging.getLogger("tdreward")
 
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", module="transformers")
     try:
+        if getattr(args, "config", None):  # the file's settings, then the flags given again
+            apply_config_file(args._parser, args.config)
+            args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("tdreward: interrupted", file=sys.stderr)
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # one line for users; the traceback only with --debug
         if args.debug:
             raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = first_line(e)
         if not isinstance(e, TDRewardError):
             msg = f"{type(e).__name__}: {msg} (run with --debug for the traceback)"
         print(f"tdreward: error: {msg}", file=sys.stderr)

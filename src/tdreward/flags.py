@@ -99,7 +99,7 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) 
         inner, optional = _unwrap_optional(tp)
         kw: dict[str, Any] = {"dest": f.name}
         shown = meta.get("default_help", None if default in (None, dataclasses.MISSING, [], {})
-                         else default)
+                         or isinstance(default, bool) else default)
         help_ = meta["help"] + (f" (default: {shown})" if shown not in (None, "") else "")
         kw["help"] = help_.replace("%", "%%")
         origin = typing.get_origin(inner)
@@ -140,15 +140,17 @@ def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) 
         target.add_argument(*names, **kw)
 
 
-def from_args(cls, args: argparse.Namespace):
-    """Build `cls` (and its nested dataclasses) from parsed flags; fields without a flag
-    keep their defaults."""
+def from_args(cls, args: argparse.Namespace, **extra: Any):
+    """Build `cls` (and its nested dataclasses) from parsed flags; `extra` sets fields that
+    have no flag (e.g. the global --verbose); the others keep their defaults."""
     hints = _hints(cls)
-    values = {}
+    values = dict(extra)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         tp = hints[f.name]
+        if f.name in values:
+            continue
         if is_nested(tp) and "help" in f.metadata:
             values[f.name] = from_args(tp, args)
         elif "help" in f.metadata and hasattr(args, f.name):

@@ -6,7 +6,6 @@ tokenisation and batching, and saves/loads the critic (safetensors + config.json
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -16,26 +15,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tdreward import __version__
-from tdreward.errors import TDRewardError
+from tdreward.critic_files import (
+    CONFIG_METADATA_KEY,
+    CONFIG_NAME,
+    FORMAT,
+    WEIGHTS_NAME,
+    check_critic_fits,
+    read_critic_config,
+)
+from tdreward.errors import TDRewardError, first_line
+from tdreward.io import atomic_path, write_json
 from tdreward.reward.config import RewardConfig
 from tdreward.reward.critic import LMFeatures, TDCritic
 from tdreward.reward.lm import context_length, extract_features
 from tdreward.reward.td import discounted_return
-from tdreward.io import atomic_path, write_json
+from tdreward.reward_settings import RewardSettings
+from tdreward.version import __version__
 
 log = logging.getLogger("tdreward")
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "critic.safetensors"
-FORMAT = "tdreward-critic"
-# The weights file's header holds the config too: one file, written in one atomic step, that
-# always describes the weights it carries (config.json is its readable copy).
-CONFIG_METADATA_KEY = "tdreward_config"
-_REQUIRED = ("base_model", "hidden_size", "vocab_size", "reward_config")
 
 
 @dataclass
@@ -109,7 +110,7 @@ class TDRewardModel:
             cfg = RewardConfig.from_dict(meta["reward_config"])
         except (TypeError, ValueError, AttributeError) as e:
             raise TDRewardError(f"{path / CONFIG_NAME} has an unusable reward_config "
-                                f"({_first_line(e)}); the critic is damaged") from e
+                                f"({first_line(e)}); the critic is damaged") from e
         spec = base_model or meta["base_model"]
         if lm is None:
             check_critic_fits(path, spec, model_flag)
@@ -126,7 +127,7 @@ class TDRewardModel:
         try:
             state = load_file(str(weights))
         except (SafetensorError, OSError) as e:
-            raise TDRewardError(f"{weights} is truncated or corrupt ({_first_line(e)}); "
+            raise TDRewardError(f"{weights} is truncated or corrupt ({first_line(e)}); "
                                 "copy or train the critic again") from e
         # Critics saved before the slow context existed lack its (identity) standardisation.
         for name in ("context_mean", "context_std"):
@@ -134,7 +135,7 @@ class TDRewardModel:
         try:
             critic.load_state_dict(state)
         except RuntimeError as e:  # missing, unexpected or mis-shaped tensors, one per line
-            what = " ".join(line.strip() for line in str(e).splitlines()[1:]) or _first_line(e)
+            what = " ".join(line.strip() for line in str(e).splitlines()[1:]) or first_line(e)
             raise TDRewardError(f"{weights} does not hold the critic {path / CONFIG_NAME} "
                                 f"describes ({what}); the critic is damaged") from e
         critic.eval()
@@ -314,96 +315,38 @@ class TDRewardModel:
         return float(out["delta"][0, start : len(full) - 1].mean())
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+# --------------------------------------------------------------------------- the reward a command uses
+UNTRAINED_WARNING = (
+    "no --reward_model_path: the belief and value heads are untrained, so V and delta are not "
+    "yet meaningful (delta = r); r needs no learning. Train a critic with `tdreward train-critic`."
+)
 
 
-def _canonical(obj) -> str:
-    return json.dumps(obj, sort_keys=True)  # NaN-safe equality of two configs
+def load_reward_model(spec: str, settings: RewardSettings, *, state: str | None = None,
+                      lm=None, tokenizer=None, verbose: bool = False,
+                      model_flag: str = "--base_model", warn_untrained: bool = True
+                      ) -> TDRewardModel:
+    """The one way a command gets its reward model: the critic of `settings` on the reference
+    LM `spec` (or on an already loaded `lm`), its reward weights overridden where given;
+    without a critic, untrained heads (`state` picks their state model) and a warning."""
+    overrides = settings.overrides()
+    if settings.reward_model_path:
+        if state is not None:
+            raise TDRewardError("--state cannot change the state model of a trained critic")
+        model = TDRewardModel.from_pretrained(settings.reward_model_path, base_model=spec,
+                                              lm=lm, tokenizer=tokenizer, verbose=verbose,
+                                              model_flag=model_flag)
+        if overrides:
+            model.critic.config = RewardConfig.from_dict(model.config.to_dict() | overrides)
+        return model
+    cfg = RewardConfig(**overrides, **({"state": state} if state is not None else {}))
+    if lm is not None:
+        model = TDRewardModel.from_lm(lm, tokenizer, spec, cfg)
+    else:
+        model = TDRewardModel.from_base(spec, cfg, verbose=verbose)
+    if warn_untrained:  # once the model is there: a bad spec stays a one-line error
+        log.warning(UNTRAINED_WARNING)
+    return model
 
 
-def _weights_config(weights: Path) -> dict | None:
-    """The config stored in the weights file's header (None in critics saved before it was).
-    Reading the header also checks that the file is complete."""
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            text = (f.metadata() or {}).get(CONFIG_METADATA_KEY)
-    except (SafetensorError, OSError) as e:
-        raise TDRewardError(f"{weights} is truncated or corrupt ({_first_line(e)}); "
-                            "copy or train the critic again") from e
-    if text is None:
-        return None
-    try:
-        stored = json.loads(text)
-    except ValueError as e:
-        raise TDRewardError(f"{weights} is corrupt (its stored config is not valid JSON); "
-                            "copy or train the critic again") from e
-    return stored if isinstance(stored, dict) else None
-
-
-def read_critic_config(path: Path) -> dict:
-    """The config of the critic in `path`, checked; one-line errors name the damaged file.
-
-    The copy in the weights file wins over config.json when both exist and differ (a save
-    interrupted between its two renames): config.json is then rewritten from it."""
-    path = Path(path)
-    cfg_path, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not cfg_path.is_file() or not weights.is_file():
-        raise TDRewardError(
-            f"{path} is not a tdreward reward model (needs {CONFIG_NAME} and {WEIGHTS_NAME}); "
-            "create one with `tdreward train-critic`"
-        )
-    stored = _weights_config(weights)
-    try:
-        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as e:
-        if stored is None:
-            raise TDRewardError(f"{cfg_path} is not valid JSON ({_first_line(e)}); copy or "
-                                "train the critic again") from e
-        meta = None
-    if stored is not None and _canonical(stored) != _canonical(meta):
-        log.warning("%s does not describe %s (a save cut short, or edited by hand); using the "
-                    "config stored in the weights and rewriting %s", cfg_path, WEIGHTS_NAME,
-                    CONFIG_NAME)
-        with contextlib.suppress(OSError):  # a read-only critic still loads
-            write_json(cfg_path, stored)
-        meta = stored
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise TDRewardError(f"{cfg_path} is not a tdreward reward model config")
-    missing = [k for k in _REQUIRED if k not in meta]
-    if missing:
-        raise TDRewardError(f"{cfg_path} lacks {', '.join(missing)}; the critic is damaged")
-    return meta
-
-
-def check_critic_fits(path: str | os.PathLike, spec: str | None, flag: str) -> dict:
-    """Read the critic at `path` and fail before any model loads when the model named by `spec`
-    (None: the critic's own) cannot carry it: hidden size or vocabulary differ. The error names
-    the flag that chose the model. Returns the critic's config."""
-    from tdreward.backends.model_info import model_dims
-
-    meta = read_critic_config(Path(path))
-    if spec is None:
-        return meta
-    dims = model_dims(spec)
-    if dims is None:
-        return meta  # not readable without loading: checked after loading
-    want = (meta["hidden_size"], meta["vocab_size"])
-    if dims != want:
-        raise TDRewardError(
-            f"{flag} {spec} has hidden size {dims[0]} and vocabulary {dims[1]}, but the critic "
-            f"{path} was trained on {meta['base_model']} ({want[0]}, {want[1]}): give that model "
-            f"or one with the same dimensions (or leave {flag} out to use the critic's own)")
-    return meta
-
-
-def check_state_name(name: str) -> None:
-    from tdreward.reward.belief import STATE_REGISTRY
-
-    if name not in STATE_REGISTRY:
-        raise TDRewardError(f"--state must be one of {', '.join(sorted(STATE_REGISTRY))}, "
-                            f"got {name!r}")
-
-
-__all__ = ["TDRewardModel", "TextScore", "LMFeatures", "read_critic_config"]
+__all__ = ["TDRewardModel", "TextScore", "LMFeatures", "RewardSettings", "load_reward_model"]

@@ -73,8 +73,8 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tdreward.training.lora_trainer import LoraTrainingConfig, run_lora
     from tdreward.training.lora_setup import describe_examples
+    from tdreward.training.lora_trainer import LoraTrainingConfig, run_lora
 
     targets = None
     if args.target_modules:

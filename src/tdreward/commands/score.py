@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tdreward.commands import DEFAULT_MODEL, flag, reward_flags
 from tdreward.errors import TDRewardError
+from tdreward.evaluation.score_config import ScoreConfig
+from tdreward.flags import add_config_flag, add_flags, from_args
 
 if TYPE_CHECKING:
     from tdreward.reward_model import TextScore
@@ -23,33 +24,19 @@ def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("score", parents=[common], help="per-token TD trace of a text",
                        description="Score texts with the TD reward: a per-token trace and a "
                        "summary (td_reward, mean_r, return, perplexity, n_tokens).")
-    p.add_argument("text", nargs="*", help="text(s) to score")
-    flag(p, "--model", help=f"model spec (default: the critic's base model with "
-         f"--reward_model_path, else {DEFAULT_MODEL})")
-    p.add_argument("--file", action="append", default=[], help="score a file's text (repeatable)")
-    reward_flags(p)
-    p.add_argument("--state", help="state model of an untrained critic: belief, csc, hidden")
-    p.add_argument("--json", help="write the full per-token trace as JSON")
-    p.add_argument("--html", help="write an HTML dopamine trace")
-    p.add_argument("--plot", help="write a PNG of r, V, delta and the belief")
-    p.add_argument("--trace", action="store_true", help="print tokens coloured by delta")
-    flag(p, "--batch_size", type=int, default=8)
-    flag(p, "--max_length", type=int, help="context window (default: the model's)")
-    p.add_argument("--stride", type=int, help="sliding-window stride for long texts")
-    flag(p, "--terminal_at_end", action="store_true",
-         help="treat each text's end as the real end of its document (V = 0 after it); "
-         "by default only an EOS token is terminal and a text's end bootstraps from V")
+    add_flags(p, ScoreConfig)
+    add_config_flag(p)
     p.set_defaults(func=run)
 
 
-def read_texts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+def read_texts(cfg: ScoreConfig) -> tuple[list[str], list[str]]:
     """The texts to score and their names: a file's name for --file F, else the text's
     first words (tdreward.display.text_name)."""
     from tdreward.data.corpus import read_text_file
     from tdreward.display import text_name
 
-    named = [(t, text_name(t)) for t in args.text]
-    for f in args.file:
+    named = [(t, text_name(t)) for t in cfg.text]
+    for f in cfg.file:
         named.append((read_text_file(Path(f)), Path(f).name))
     if not named and not sys.stdin.isatty():
         text = sys.stdin.read()
@@ -65,26 +52,18 @@ def read_texts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tdreward.validation import check_output_file
     from tdreward.evaluation import score as wf
 
-    opts = wf.ScoreOptions(
-        model=args.model, reward_model_path=args.reward_model_path, batch_size=args.batch_size,
-        max_length=args.max_length, stride=args.stride, alpha=args.alpha, beta=args.beta,
-        gamma=args.gamma, state=args.state, terminal_at_end=args.terminal_at_end,
-        verbose=args.verbose,
-    )
-    for name in ("json", "html", "plot"):
-        check_output_file(getattr(args, name), f"--{name}")
-    texts, names = read_texts(args)
-    model = wf.load_reward_model(opts)
+    cfg = from_args(ScoreConfig, args, verbose=args.verbose)
+    texts, names = read_texts(cfg)
+    model = wf.load_scorer(cfg)
     start = time.perf_counter()
-    scores = wf.score_texts(model, texts, opts)
+    scores = wf.score_texts(model, texts, cfg)
     n = sum(s.summary["n_tokens"] for s in scores)
     log.info("scored %d tokens in %.2f s", n, time.perf_counter() - start)
-    wf.save_outputs(model, scores, args.json, args.html, args.plot, names)
-    print_scores(scores, args.trace, names)
-    for kind, path in (("JSON", args.json), ("HTML", args.html), ("plot", args.plot)):
+    wf.save_outputs(model, scores, cfg.json, cfg.html, cfg.plot, names)
+    print_scores(scores, cfg.trace, names)
+    for kind, path in (("JSON", cfg.json), ("HTML", cfg.html), ("plot", cfg.plot)):
         if path:
             print(f"{kind}: {path}")
     return 0

@@ -28,12 +28,12 @@ from pathlib import Path
 from tdreward.backends.embedded import DEFAULT_MODEL
 from tdreward.backends.generation import BackendOptions, Generation, backend_for, make_generator
 from tdreward.errors import TDRewardError
-from tdreward.reward_model import TDRewardModel, TextScore
-from tdreward.specs import parse_spec
-from tdreward.validation import check_output_dir, validate
 from tdreward.evaluation import stats
 from tdreward.evaluation.gen_cache import GenerationCache, default_cache_dir, model_fingerprint
 from tdreward.io import write_json
+from tdreward.reward_model import TDRewardModel, TextScore
+from tdreward.specs import parse_spec
+from tdreward.validation import check_output_dir, validate
 
 log = logging.getLogger("tdreward")
 
@@ -106,7 +106,7 @@ def check_generation_settings(cfg) -> None:
     any generation or model load)."""
     validate(cfg, {k: v for k, v in GENERATION_RULES.items() if hasattr(cfg, k)})
     if cfg.reward_model_path:
-        from tdreward.reward_model import check_critic_fits
+        from tdreward.critic_files import check_critic_fits
 
         check_critic_fits(cfg.reward_model_path, cfg.base_model, "--base_model")
 

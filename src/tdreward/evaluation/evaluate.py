@@ -17,7 +17,6 @@ from pathlib import Path
 
 from tdreward.backends.embedded import DEFAULT_MODEL
 from tdreward.errors import TDRewardError
-from tdreward.validation import check_output_dir, validate
 from tdreward.evaluation import report
 from tdreward.evaluation.compare import (
     CompareConfig,
@@ -26,8 +25,9 @@ from tdreward.evaluation.compare import (
     comparisons,
     load_scorer,
 )
-from tdreward.io import write_json
 from tdreward.evaluation.selfscore import join_documents, reward_model_for, scoring_spec, self_score
+from tdreward.io import write_json
+from tdreward.validation import check_output_dir, validate
 
 
 @dataclass

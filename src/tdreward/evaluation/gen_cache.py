@@ -15,8 +15,8 @@ from pathlib import Path
 
 from tdreward.backends.embedded import cache_dir
 from tdreward.backends.generation import Generation
-from tdreward.specs import ModelSpec
 from tdreward.io import write_json
+from tdreward.specs import ModelSpec
 
 FORMAT = 1
 

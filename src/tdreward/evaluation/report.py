@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 
 from tdreward.display import fmt_num, fmt_pct
-from tdreward.reward_model import TextScore
 from tdreward.evaluation import trace
 from tdreward.io import atomic_path, write_text
+from tdreward.reward_model import TextScore
 
 
 def _short(model: str) -> str:

@@ -7,8 +7,8 @@ import os
 from typing import TYPE_CHECKING
 
 from tdreward.display import fmt_num
-from tdreward.reward_model import TextScore
 from tdreward.io import atomic_path, write_text
+from tdreward.reward_model import TextScore
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from tdreward.errors import TDRewardError
-from tdreward.validation import check_choice, check_output_file
 from tdreward.export import tokenizer as gguf_tokenizer
 from tdreward.export.architectures import ARCHS, SUPPORTED, arch_for, permute_qk
 from tdreward.io import atomic_path
+from tdreward.validation import check_choice, check_output_file
 
 log = logging.getLogger("tdreward")
 

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 
 import torch
 
+from tdreward.critic_files import read_critic_config
 from tdreward.errors import TDRewardError
-from tdreward.reward_model import TDRewardModel, read_critic_config
+from tdreward.reward_model import TDRewardModel
 
 
 class TDRewardFunction:

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tdreward.io import write_json
 from tdreward.neuro.models import MODELS, Representation, build_representation, timeline
 from tdreward.neuro.task import CONDITIONS, SLOT_A, Session, TaskConfig, make_session
 from tdreward.reward.td import td_errors
-from tdreward.io import write_json
 
 GAMMA = 0.83  # per bin (1/3 s); the authors' value-RNN discount for this task
 ALPHA = 0.1  # TD(0) learning rate, as in Gershman's belief-state TD code

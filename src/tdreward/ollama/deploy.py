@@ -28,9 +28,9 @@ from pathlib import Path
 
 from tdreward.backends.embedded import DEFAULT_MODEL
 from tdreward.errors import TDRewardError
-from tdreward.validation import check_choice, check_output_dir, check_output_file, validate
 from tdreward.io import write_text
 from tdreward.ollama.modelfile import create_fields, modelfile_for
+from tdreward.validation import check_choice, check_output_dir, check_output_file, validate
 
 log = logging.getLogger("tdreward")
 
@@ -326,7 +326,7 @@ def reward_reference(cfg: OllamaConfig) -> str:
     if cfg.base_model:
         return cfg.base_model
     if cfg.reward_model_path:
-        from tdreward.reward_model import read_critic_config
+        from tdreward.critic_files import read_critic_config
 
         return read_critic_config(Path(cfg.reward_model_path))["base_model"]
     return DEFAULT_MODEL

@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tdreward.errors import TDRewardError
-from tdreward.validation import check_choice, check_output_dir, validate
 from tdreward.io import write_json
 from tdreward.ollama.deploy import OllamaAPI, create_in_ollama, safe_name, write_modelfile
+from tdreward.validation import check_choice, check_output_dir, validate
 
 log = logging.getLogger("tdreward")
 
@@ -110,8 +110,8 @@ def resolve_base(spec: str, host: str | None) -> BaseModel:
     """gguf:/embedded:/llamacpp: specs, .gguf files and directories are used as they are;
     `hf:ID` is a hub id; anything else (`llama2:7b`, `ollama:NAME`) is an Ollama model."""
     from tdreward.backends.hf import resolve_gguf
-    from tdreward.specs import parse_spec
     from tdreward.export.gguf_writer import source_gguf_of
+    from tdreward.specs import parse_spec
 
     spec = spec.strip()
     if re.match(r"^(gguf|embedded|llamacpp|hf|hub):", spec, flags=re.I):
@@ -207,8 +207,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from tdreward.backends.hf import load_model
     from tdreward.export.gguf_writer import write_gguf
     from tdreward.export.tokenizer import chat_template_of
-    from tdreward.training.lora_trainer import LoraTrainingConfig, run_lora
     from tdreward.ollama.deploy import check_model_name
+    from tdreward.training.lora_trainer import LoraTrainingConfig, run_lora
 
     name = check_model_name(cfg.output_model)
     start = time.perf_counter()
@@ -277,7 +277,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 def _critic_base(cfg: FinetuneConfig) -> str | None:
     if not cfg.reward_model_path:
         return None
-    from tdreward.reward_model import read_critic_config
+    from tdreward.critic_files import read_critic_config
 
     return read_critic_config(Path(cfg.reward_model_path)).get("base_model")
 

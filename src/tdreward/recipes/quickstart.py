@@ -16,7 +16,6 @@ from pathlib import Path
 
 from tdreward.backends.embedded import DEFAULT_MODEL
 from tdreward.backends.embedded import cache_dir as tdreward_cache
-from tdreward.validation import check_output_dir, validate
 from tdreward.evaluation.compare import (
     DEFAULT_MODELS,
     TRAINING_DATA,
@@ -24,6 +23,7 @@ from tdreward.evaluation.compare import (
     bundled_data,
     run_compare,
 )
+from tdreward.validation import check_output_dir, validate
 
 log = logging.getLogger("tdreward")
 
@@ -63,7 +63,7 @@ def ensure_critic(cfg: QuickstartConfig) -> tuple[Path, bool]:
 
 
 def _ensure_critic(cfg: QuickstartConfig, final: Path) -> tuple[Path, bool]:
-    from tdreward.reward_model import CONFIG_NAME, WEIGHTS_NAME
+    from tdreward.critic_files import CONFIG_NAME, WEIGHTS_NAME
     from tdreward.training.critic_trainer import CriticTrainingConfig, train_critic
 
     if cfg.retrain and final.exists():

@@ -25,16 +25,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from tdreward import __version__
+from tdreward.critic_files import check_state_name
 from tdreward.errors import TDRewardError
+from tdreward.io import atomic_path, write_json
 from tdreward.reward.belief import observation_features
 from tdreward.reward.config import RewardConfig
 from tdreward.reward.critic import LMFeatures
 from tdreward.reward.td import lambda_returns, td_errors
 from tdreward.reward.terms import immediate_reward
-from tdreward.reward_model import TDRewardModel, check_state_name
+from tdreward.reward_model import TDRewardModel
 from tdreward.validation import check_output_dir, validate
-from tdreward.io import atomic_path, write_json
+from tdreward.version import __version__
 
 log = logging.getLogger("tdreward")
 

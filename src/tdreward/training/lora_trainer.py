@@ -39,9 +39,8 @@ from transformers import Trainer
 
 from tdreward.cache_files import make_temp_dir, owner_tag, sweep_stale, temp_pattern
 from tdreward.errors import TDRewardError
-from tdreward.reward_model import TDRewardModel
-from tdreward.validation import check_output_dir, validate
 from tdreward.io import write_json
+from tdreward.reward_model import TDRewardModel
 from tdreward.training.lora_setup import (
     IGNORE,
     ListDataset,
@@ -56,6 +55,7 @@ from tdreward.training.lora_setup import (
     resolve_target_modules,
     training_args,
 )
+from tdreward.validation import check_output_dir, validate
 
 __all__ = [
     "LoraTrainingConfig", "TDRewardTrainer", "td_weights", "run_lora", "merge_adapter",
@@ -138,7 +138,7 @@ class LoraTrainingConfig:
             raise TDRewardError(f"--baseline must be one of {', '.join(BASELINES)}")
         validate(self, LORA_RULES)
         if self.reward_model_path:  # before the base model loads
-            from tdreward.reward_model import check_critic_fits
+            from tdreward.critic_files import check_critic_fits
 
             check_critic_fits(self.reward_model_path, self.base_model, "--base_model")
 

@@ -33,9 +33,8 @@ import torch
 from torch import Tensor, nn
 
 from tdreward.errors import TDRewardError
-from tdreward.validation import check_choice, validate
-from tdreward.training import ppo_checkpoint as ckpt
 from tdreward.io import write_json
+from tdreward.training import ppo_checkpoint as ckpt
 from tdreward.training.ppo_checkpoint import config_dict, finite_stats, flat_config
 from tdreward.training.rollout import (
     Rollout,
@@ -54,6 +53,7 @@ from tdreward.training.rollout import (
     token_logprobs,
     whiten,
 )
+from tdreward.validation import check_choice, validate
 
 log = logging.getLogger("tdreward")
 
@@ -149,7 +149,7 @@ class PPOConfig:
         check_choice("--kl_estimator", self.kl_estimator, ("k1", "k3"))
         check_choice("--report_to", self.report_to, (None, "tensorboard", "wandb"))
         if self.reward_model_path:  # before the policy loads
-            from tdreward.reward_model import check_critic_fits
+            from tdreward.critic_files import check_critic_fits
 
             check_critic_fits(self.reward_model_path, self.base_model, "--base_model")
         if not self.prompts and not self.dataset:
@@ -269,9 +269,9 @@ class PPOResult:
 
 
 def _reward_model(cfg: PPOConfig, ref_lm, tokenizer, ref_context, accelerator):
+    from tdreward.evaluation.score import UNTRAINED_WARNING
     from tdreward.reward.config import RewardConfig
     from tdreward.reward_model import TDRewardModel
-    from tdreward.evaluation.score import UNTRAINED_WARNING
 
     lm = ref_lm.get_base_model() if hasattr(ref_lm, "get_base_model") else ref_lm
     overrides = {k: getattr(cfg, k) for k in ("alpha", "beta", "gamma")

@@ -1,0 +1,64 @@
+"""`tdreward score`'s settings: each field is a flag (tdreward.flags). No heavy imports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tdreward.critic_files import check_state_name
+from tdreward.errors import TDRewardError
+from tdreward.flags import setting
+from tdreward.reward_settings import RewardSettings
+from tdreward.specs import DEFAULT_MODEL, parse_spec
+from tdreward.validation import check_output_file, validate
+
+
+@dataclass
+class ScoreConfig:
+    """Everything `tdreward score` takes: each field is a flag (tdreward.flags)."""
+
+    text: list[str] = setting(default_factory=list, help="text(s) to score", positional=True)
+    model: str | None = setting(None, help="model spec", default_help=(
+        f"the critic's base model with --reward_model_path, else {DEFAULT_MODEL}"))
+    file: list[str] = setting(default_factory=list, append=True,
+                              help="score a file's text (repeatable)")
+    reward: RewardSettings = field(default_factory=RewardSettings, metadata={"help": "nested"})
+    state: str | None = setting(None, help="state model of an untrained critic: belief, csc, "
+                                "hidden", default_help="belief")
+    json: str | None = setting(None, help="write the full per-token trace as JSON")
+    html: str | None = setting(None, help="write an HTML dopamine trace")
+    plot: str | None = setting(None, help="write a PNG of r, V, delta and the belief")
+    trace: bool = setting(False, help="print tokens coloured by delta")
+    batch_size: int = setting(8, help="texts per forward pass")
+    max_length: int | None = setting(None, help="context window", default_help="the model's")
+    stride: int | None = setting(None, help="sliding-window stride for long texts",
+                                 default_help="half the window")
+    terminal_at_end: bool = setting(
+        False, help="treat each text's end as the real end of its document (V = 0 after it); "
+        "by default only an EOS token is terminal and a text's end bootstraps from V")
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        validate(self, {"batch_size": ">=1", "max_length": ">=2", "stride": ">=1"})
+        if self.stride and self.max_length and self.stride > self.max_length:
+            raise TDRewardError(f"--stride ({self.stride}) must not exceed --max_length "
+                                f"({self.max_length})")
+        if self.state is not None:
+            check_state_name(self.state)
+            if self.reward.reward_model_path:
+                raise TDRewardError("--state cannot change the state model of a trained critic")
+        # The critic's own reference LM unless --model names another; a model whose
+        # dimensions do not fit the critic fails here, before it is loaded.
+        meta = self.reward.check_fits(self.model, "--model")
+        self.model = self.model or (meta or {}).get("base_model") or DEFAULT_MODEL
+        check_scoring_spec(self.model)
+        for name in ("json", "html", "plot"):
+            check_output_file(getattr(self, name), f"--{name}")
+
+
+def check_scoring_spec(model: str) -> None:
+    spec = parse_spec(model)
+    if not spec.can_score or spec.kind == "llamacpp":
+        raise TDRewardError(
+            f"{model!r} cannot score text here: use a hub id, a directory, gguf:PATH or "
+            "embedded:NAME (servers do not return log-probs of a given text)"
+        )
