@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from tdreward.backends.generation import BackendOptions, make_generator
+from tdreward.backends.registry import BackendOptions, make_generator
 from tdreward.evaluation.compare import load_prompt_texts
 
 MODEL = "embedded:smollm2-135m-instruct"

@@ -157,6 +157,7 @@ def bench(spec: str, batch: int, length: int, repeats: int, per_position_rows: i
 
 
 def main() -> None:
+    global CORPUS  # --corpus replaces the default for make_batch
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+",
                     default=["embedded:smollm2-135m-instruct", "embedded:gemma3-270m"])
@@ -173,7 +174,6 @@ def main() -> None:
                     help="only the memory comparison (timings need a quiet machine)")
     ap.add_argument("--_memory_probe", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    global CORPUS
     CORPUS = args.corpus
     if args._memory_probe:
         memory_probe(*args._memory_probe, args.batch, args.length)

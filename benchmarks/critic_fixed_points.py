@@ -34,7 +34,7 @@ from tdreward.reward.belief import observation_features
 from tdreward.reward.td import lambda_returns, td_errors
 from tdreward.reward.terms import immediate_reward
 from tdreward.reward_model import TDRewardModel
-from tdreward.training.critic_trainer import _feats, _split, _terminal_states
+from tdreward.training.critic_trainer import split_documents, terminal_states, window_features
 
 FAMILIES = ("constant", "slow", "context", "context+position")
 
@@ -42,7 +42,7 @@ FAMILIES = ("constant", "slow", "context", "context+position")
 def prepare(rm: TDRewardModel, data: dict, idx: torch.Tensor) -> dict:
     """Rewards, masks and every feature family for the windows `idx`."""
     cfg, critic = rm.config, rm.critic
-    f = _feats(data, idx)
+    f = window_features(data, idx)
     c = critic.association(f)
     rmask = f.reward_mask.float()
     r = immediate_reward(f.logp, c, f.entropy[:, :-1], cfg.alpha, cfg.beta) * rmask
@@ -114,8 +114,8 @@ def main() -> None:
     metrics = json.loads((out / "metrics.json").read_text())
     tcfg = metrics["config"]
     data = load_file(str(out / "cache" / "features.safetensors"))
-    data["done"] = _terminal_states(rm, data, tcfg["doc_end_terminal"])
-    train_idx, val_idx = _split(data, tcfg["val_fraction"], tcfg["seed"])
+    data["done"] = terminal_states(rm, data, tcfg["doc_end_terminal"])
+    train_idx, val_idx = split_documents(data, tcfg["val_fraction"], tcfg["seed"])
     gamma, lam = rm.config.gamma, rm.config.td_lambda
     train, val = prepare(rm, data, train_idx), prepare(rm, data, val_idx)
     mean_r = float(train["r"].sum() / train["rmask"].sum())

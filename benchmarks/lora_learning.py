@@ -28,10 +28,11 @@ import torch
 from tdreward.backends.hf import load_model
 from tdreward.data import load_prompts
 from tdreward.integrations.trl import TDRewardFunction
-from tdreward.reward_model import TDRewardModel
 from tdreward.io import write_json
-from tdreward.training.lora_trainer import LoraTrainingConfig, run_lora
+from tdreward.reward_model import TDRewardModel
+from tdreward.reward_settings import RewardSettings
 from tdreward.training.lora_setup import PadCollator, encode_pairs, format_prompt
+from tdreward.training.lora_trainer import LoraTrainingConfig, run_lora
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,7 +129,8 @@ def main() -> None:
     for name, scale in runs:
         cfg = LoraTrainingConfig(
             base_model=args.base_model, dataset=str(train_file), output_dir=str(out / name),
-            reward_model_path=args.reward_model_path, num_epochs=args.num_epochs,
+            reward=RewardSettings(reward_model_path=args.reward_model_path),
+            epochs=args.num_epochs,
             batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
             w_max=args.w_max, reward_scale=scale, seed=args.seed, eval_examples=len(train))
         m = run_lora(cfg)

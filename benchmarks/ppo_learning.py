@@ -67,14 +67,67 @@ def per_prompt(texts: list[dict], key: str, k: int) -> list[float]:
     return [sum(t[key] for t in texts[i : i + k]) / k for i in range(0, len(texts), k)]
 
 
+@torch.no_grad()
+def evaluate_policy(policy_lm, ref_lm, tokenizer, reward,
+                    rows: list[list[int]], batch_size: int = 8, max_new_tokens: int = 48,
+                    temperature: float = 1.0, seed: int = 0, samples_per_prompt: int = 1,
+                    policy_context=contextlib.nullcontext,
+                    ref_context=contextlib.nullcontext) -> dict:
+    """Generate from the policy on held-out prompts and measure: mean TD reward (delta) and mean
+    r of the response tokens, KL(policy || reference) (k1 summed per response and per token),
+    repetition rate (share of repeated 3-grams) and length. Sampling is seeded, so two policies
+    are compared on the same random numbers. `reward` is a TDShapedReward (not learning)."""
+    from tdreward.training.rollout import (
+        generate,
+        repetition_rate,
+        response_forward,
+        token_logprobs,
+    )
+
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    per_text: list[dict] = []
+    todo = [r for r in rows for _ in range(samples_per_prompt)]
+    try:
+        for a in range(0, len(todo), batch_size):
+            batch = todo[a : a + batch_size]
+            with policy_context():
+                ro = generate(policy_lm, tokenizer, batch, max_new_tokens, temperature)
+                logits, _ = response_forward(policy_lm, ro.input_ids, ro.attention_mask,
+                                             ro.response.shape[1], temperature)
+                logp = token_logprobs(logits, ro.response)
+            with ref_context():
+                ref_logits, _ = response_forward(ref_lm, ro.input_ids, ro.attention_mask,
+                                                 ro.response.shape[1], temperature)
+                ref_logp = token_logprobs(ref_logits, ro.response)
+            delta, r, _ = reward.score(ro)
+            m = ro.response_mask.float()
+            kl = (logp - ref_logp) * m
+            for i, toks in enumerate(ro.responses()):
+                n = float(m[i].sum())
+                per_text.append({
+                    "td_reward": float(delta[i].sum() / n), "mean_r": float(r[i].sum() / n),
+                    "kl": float(kl[i].sum()), "kl_per_token": float(kl[i].sum() / n),
+                    "repetition_rate": repetition_rate(toks), "length": n,
+                    "text": tokenizer.decode(toks, skip_special_tokens=True),
+                })
+    finally:
+        torch.random.set_rng_state(gen_state)
+    keys = ("td_reward", "mean_r", "kl", "kl_per_token", "repetition_rate", "length")
+    summary = {k: sum(t[k] for t in per_text) / len(per_text) for k in keys}
+    summary["n_texts"] = len(per_text)
+    return {"summary": summary, "texts": per_text}
+
+
 def main() -> None:
     args = parse()
     torch.set_num_threads(args.threads)
     from tdreward.backends.hf import load_model
     from tdreward.data.prompts import load_prompts
     from tdreward.reward_model import TDRewardModel
+    from tdreward.reward_settings import RewardSettings
     from tdreward.training.ppo_trainer import PPOConfig, train_ppo
-    from tdreward.training.rollout import TDShapedReward, encode_prompts, evaluate_policy
+    from tdreward.training.rollout import TDShapedReward, encode_prompts
 
     train_p = [p.prompt for p in load_prompts(args.train_prompts)]
     eval_p = [p.prompt for p in load_prompts(args.eval_prompts)][: args.max_eval_prompts]
@@ -104,12 +157,13 @@ def main() -> None:
     t_eval = time.perf_counter() - t0
 
     out = Path(args.output_dir)
-    cfg = PPOConfig(base_model=args.base_model, reward_model_path=args.reward_model_path,
-                    prompts=args.train_prompts, output_dir=str(out), epochs=1,
+    reward = RewardSettings(reward_model_path=args.reward_model_path, alpha=args.alpha)
+    cfg = PPOConfig(base_model=args.base_model, reward=reward, prompts=args.train_prompts,
+                    output_dir=str(out), epochs=1,
                     steps_per_epoch=args.steps, batch_size=args.batch_size,
                     mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
                     max_new_tokens=args.max_new_tokens, lr=args.lr, kl_coef=args.kl_coef,
-                    alpha=args.alpha, eos_terminal=args.eos_terminal, use_lora=True,
+                    eos_terminal=args.eos_terminal, use_lora=True,
                     lora_r=args.lora_r, lora_alpha=2 * args.lora_r, seed=args.seed,
                     progress=False)
     t0 = time.perf_counter()

@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import REPO, make_tiny_lm
 from tdreward.cache_files import host_id, sweep_stale
+from tdreward.critic_files import CONFIG_NAME, WEIGHTS_NAME
 from tdreward.errors import TDRewardError
 from tdreward.reward.config import RewardConfig
-from tdreward.critic_files import CONFIG_NAME, WEIGHTS_NAME
 from tdreward.reward_model import TDRewardModel
 
 
@@ -384,7 +384,7 @@ def test_load_model_leaves_transformers_logging_as_it_was(tiny_gguf, tmp_path, m
 def test_peft_import_keeps_the_bitsandbytes_4bit_notice_out():
     """peft imports bitsandbytes, which may log a 4-bit CPU kernel notice: shown only where
     4-bit is asked for (`import_peft(quiet_bitsandbytes=False)`)."""
-    code = ("import logging; from tdreward.backends.hf import import_peft; "
+    code = ("import logging; from tdreward.backends.adapters import import_peft; "
             "import_peft({}); assert logging.getLogger('bitsandbytes').level == 0")
     loud = subprocess.run([sys.executable, "-c", code.format("False")], capture_output=True,
                           text=True, timeout=300)

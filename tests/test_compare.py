@@ -13,9 +13,9 @@ from conftest import make_tiny_lm
 from ollama_api_server import serve_ollama_api
 from tdreward.backends.embedded import gguf_path
 from tdreward.cli import main
-from tdreward.reward_model import TDRewardModel
 from tdreward.evaluation import stats
 from tdreward.evaluation.compare import CompareConfig, compare_models, score_responses
+from tdreward.reward_model import TDRewardModel
 
 SMOL = "embedded:smollm2-135m-instruct"
 GEMMA = "embedded:gemma3-270m"
@@ -65,7 +65,7 @@ def test_statistics() -> None:
 
 
 def test_response_scores_count_only_the_response(rm) -> None:
-    from tdreward.backends.generation import Generation
+    from tdreward.backends.registry import Generation
 
     gens = [Generation(prompt="The capital of France is", text=" Paris, a city on the Seine."),
             Generation(prompt="Name a colour.", text="Blue is a colour.", chat=True),

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_lm
+from tdreward.reward.config import RewardConfig
 from tdreward.reward.td import discounted_return
 from tdreward.reward_model import TDRewardModel
 from tdreward.training.critic_trainer import CriticTrainingConfig, train_critic
@@ -55,8 +56,8 @@ def test_td_lambda_learns_exact_discounted_returns(tokenizer, tmp_path):
     rm = TDRewardModel.from_lm(lm, tokenizer, "tiny")
     cfg = CriticTrainingConfig(
         base_model="tiny", dataset="synthetic", output_dir=str(tmp_path / "critic"),
-        epochs=25, batch_size=8, lr=1e-2, gamma=0.9, td_lambda=0.9, window=32,
-        doc_end_terminal=True, patience=100, val_fraction=0.15, seed=0,
+        epochs=25, batch_size=8, lr=1e-2, reward=RewardConfig(gamma=0.9, td_lambda=0.9),
+        window=32, doc_end_terminal=True, patience=100, val_fraction=0.15, seed=0,
     )
     metrics = train_critic(cfg, rm=rm, docs=docs, progress=False)
     trained = TDRewardModel.from_pretrained(tmp_path / "critic", lm=lm, tokenizer=tokenizer)

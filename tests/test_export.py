@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from conftest import EMBEDDED, WIKITEXT
-from tdreward.backends.llamacpp import _gathered_logprobs
+from tdreward.backends.llamacpp import gathered_logprobs
 from tdreward.cli import main
 from tdreward.errors import TDRewardError
-from tdreward.export import gguf_writer as export_gguf
 from tdreward.export import architectures as gguf_arch
+from tdreward.export import gguf_writer as export_gguf
 from tdreward.export.gguf_writer import write_gguf
 from tdreward.export.tokenizer import read_metadata
 
@@ -80,7 +80,7 @@ def cpp_logprobs(path, ids: list[int]) -> np.ndarray:
     llm = llama(path)
     try:
         llm.eval(ids)
-        return _gathered_logprobs(llm.scores[: len(ids) - 1], np.asarray(ids[1:]))
+        return gathered_logprobs(llm.scores[: len(ids) - 1], np.asarray(ids[1:]))
     finally:
         llm.close()
 

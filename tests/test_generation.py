@@ -21,7 +21,7 @@ import pytest
 
 from ollama_api_server import serve_ollama_api
 from tdreward.backends.embedded import gguf_path
-from tdreward.backends.generation import BackendOptions, backend_for, make_generator
+from tdreward.backends.registry import BackendOptions, backend_for, make_generator
 from tdreward.errors import TDRewardError
 
 SMOL = "embedded:smollm2-135m-instruct"

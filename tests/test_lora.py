@@ -12,6 +12,12 @@ from transformers import TrainingArguments
 from conftest import EMBEDDED, REPO, make_tiny_lm
 from tdreward import RewardConfig, TDRewardModel
 from tdreward.errors import TDRewardError
+from tdreward.training.lora_setup import (
+    IGNORE,
+    PadCollator,
+    encode_pair,
+    load_training_data,
+)
 from tdreward.training.lora_trainer import (
     LoraTrainingConfig,
     TDRewardTrainer,
@@ -19,12 +25,6 @@ from tdreward.training.lora_trainer import (
     resolve_target_modules,
     run_lora,
     td_weights,
-)
-from tdreward.training.lora_setup import (
-    IGNORE,
-    PadCollator,
-    encode_pair,
-    load_training_data,
 )
 
 SAMPLE = REPO / "data" / "sample_training_data.jsonl"
@@ -295,6 +295,22 @@ def test_cli_lora_4bit_runs_on_cpu(tmp_path, capsys):
     meta = json.loads((out / "tdreward_lora.json").read_text())
     assert meta["quantization"]["bits"] == 4 and meta["quantization"]["quantized_layers"] == 210
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_config_reads_the_flags_as_before(tmp_path):
+    """--num_epochs (the original spelling) beside --epochs; comma-separated target modules."""
+    from tdreward.cli import build_parser
+    from tdreward.flags import from_args
+
+    args = build_parser().parse_args([
+        "lora", "--dataset", str(SAMPLE), "--output_dir", str(tmp_path / "o"), "--num_epochs",
+        "1.5", "--target_modules", "q_proj,k_proj", "v_proj", "--no_gradient_checkpointing"])
+    cfg = from_args(LoraTrainingConfig, args)
+    assert cfg.epochs == 1.5 and cfg.target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert not cfg.gradient_checkpointing and cfg.cache_deltas
+    with pytest.raises(TDRewardError, match="--use_8bit"):
+        LoraTrainingConfig(dataset=str(SAMPLE), output_dir=str(tmp_path / "o"), use_8bit=True,
+                           use_4bit=True)
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):

@@ -16,10 +16,10 @@ from torch import nn
 
 from tdreward.neuro import CONDITIONS, MODELS, TaskConfig, belief_update, run_neuro
 from tdreward.neuro.models import (
+    BeliefSpec,
     belief_spec,
     belief_table,
     build_representation,
-    filter_session,
     timeline,
 )
 from tdreward.neuro.task import NULL, ODOR_A, ODOR_C, REWARD, SLOT_A, SLOT_X, make_session
@@ -27,6 +27,18 @@ from tdreward.reward.belief import BeliefStateModel
 from tdreward.reward.config import RewardConfig
 
 CFG = TaskConfig()
+
+
+def filter_session(obs: np.ndarray, spec: BeliefSpec) -> np.ndarray:
+    """Reference: run belief_update bin by bin over a session, starting in Wait: [T, K]."""
+    log_b = torch.full((spec.n_states,), float("-inf"), dtype=torch.float64)
+    log_b[spec.wait] = 0.0
+    out = np.empty((len(obs), spec.n_states))
+    out[0] = log_b.exp().numpy()
+    for t in range(1, len(obs)):
+        log_b = belief_update(log_b, spec.log_T, spec.log_O[:, :, int(obs[t])])
+        out[t] = log_b.exp().numpy()
+    return out
 
 
 @pytest.fixture(scope="module")

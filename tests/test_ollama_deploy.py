@@ -266,7 +266,7 @@ def test_finetune_without_a_server_writes_gguf_and_modelfile(tiny_gguf, tmp_path
     import numpy as np
 
     from tdreward.backends.hf import load_model
-    from tdreward.backends.llamacpp import _gathered_logprobs
+    from tdreward.backends.llamacpp import gathered_logprobs
 
     merged, tok = load_model(str(out / "adapter" / "merged"))
     ids = tok("The quick brown fox jumps over the lazy dog near the river bank.",
@@ -276,7 +276,7 @@ def test_finetune_without_a_server_writes_gguf_and_modelfile(tiny_gguf, tmp_path
     ref = ref.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
     llm = llama_cpp.Llama(model_path=str(gguf), logits_all=True, verbose=False, n_ctx=128)
     llm.eval(ids)
-    got = _gathered_logprobs(llm.scores[: len(ids) - 1], np.asarray(ids[1:]))
+    got = gathered_logprobs(llm.scores[: len(ids) - 1], np.asarray(ids[1:]))
     llm.close()
     assert np.abs(ref - got).mean() < 0.05
 

@@ -18,8 +18,8 @@ import torch
 
 from conftest import EMBEDDED, assert_one_line_error, make_tiny_lm
 from tdreward.errors import TDRewardError
-from tdreward.training.ppo_trainer import PPOConfig, gae, train_ppo, whiten
 from tdreward.training.ppo_checkpoint import flatten_optimizer, unflatten_optimizer
+from tdreward.training.ppo_trainer import PPOConfig, gae, train_ppo, whiten
 from tdreward.training.rollout import kl_penalty, repetition_rate, response_mask
 
 WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", *"abcdefghijklmnop"]  # Llama's ids: bos 1, eos 2
@@ -133,6 +133,20 @@ def test_optimizer_state_flattens_to_tensors_and_json():
     for k, v in opt.state_dict()["state"][0].items():
         assert torch.equal(opt2.state_dict()["state"][0][k], v)
     assert opt2.param_groups[0]["lr"] == 0.1
+
+
+def test_a_config_saved_by_an_older_version_reads_back(tmp_path):
+    """ppo_config.json / state.json of older runs: `lam` and flat reward settings."""
+    from tdreward.training.ppo_checkpoint import config_dict
+    from tdreward.training.ppo_config import PPOConfig
+
+    old = {"prompts": "p.txt", "output_dir": str(tmp_path / "o"), "lam": 0.8, "alpha": 0.2,
+           "beta": None, "gamma": 0.9, "reward_model_path": None, "critic_updates": False,
+           "epochs": 1, "num_processes": 2}
+    cfg = PPOConfig.from_dict(old)
+    assert cfg.gae_lambda == 0.8 and cfg.epochs == 1 and not cfg.critic_updates
+    assert (cfg.reward.alpha, cfg.reward.gamma) == (0.2, 0.9)
+    assert PPOConfig.from_dict(json.loads(json.dumps(config_dict(cfg)))) == cfg
 
 
 # --------------------------------------------------------------------------- toy problem

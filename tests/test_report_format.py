@@ -12,15 +12,14 @@ import sys
 import numpy as np
 import pytest
 
-from tdreward.backends.generation import Generation
+from tdreward.backends.registry import Generation
 from tdreward.commands.compare import print_results
 from tdreward.commands.score import print_scores, read_texts
 from tdreward.display import fmt_num, fmt_pct, print_table, text_name
-from tdreward.reward_model import TextScore
-from tdreward.evaluation import stats
-from tdreward.evaluation import trace
+from tdreward.evaluation import stats, trace
 from tdreward.evaluation.compare import comparisons, summarise_model
 from tdreward.evaluation.report import summary_rows
+from tdreward.reward_model import TextScore
 
 SMOL = "embedded:smollm2-135m-instruct"
 # A name as long as real GGUF paths get: the table must print it whole, not "gguf:/mod…".

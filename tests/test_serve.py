@@ -22,8 +22,8 @@ import httpx
 import pytest
 
 from tdreward.backends.embedded import gguf_path
-from tdreward.backends.generation import BackendOptions, make_generator
 from tdreward.backends.openai_compat import OpenAIServerError
+from tdreward.backends.registry import BackendOptions, make_generator
 from tdreward.cli import main
 from tdreward.commands.serve import default_alias
 from tdreward.errors import TDRewardError

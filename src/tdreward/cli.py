@@ -71,8 +71,29 @@ def _setup_logging(verbose: bool) -> None:
     log.setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+def _apply_config(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """`--config FILE`: the file's settings become the subcommand's defaults before the flags
+    are parsed, so the file may also give required settings and a flag still overrides it."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if not known.config:
+        return
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    name = next((a for a in argv if a in sub.choices), None)
+    if name is None or sub.choices[name].get_default("_parser") is None:
+        raise TDRewardError("--config is taken by the training and evaluation commands")
+    apply_config_file(sub.choices[name], known.config)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        _apply_config(parser, argv)
+    except TDRewardError as e:
+        print(f"tdreward: error: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     if not getattr(args, "func", None):
@@ -86,9 +107,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", module="transformers")
     try:
-        if getattr(args, "config", None):  # the file's settings, then the flags given again
-            apply_config_file(args._parser, args.config)
-            args = parser.parse_args(argv)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("tdreward: interrupted", file=sys.stderr)

@@ -86,7 +86,9 @@ def flag_fields(cls) -> list[tuple[dataclasses.Field, Any]]:
 
 
 def add_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per field of `cls` (and of its nested dataclasses) to `parser`."""
+    """Add one flag per field of `cls` (and of its nested dataclasses) to `parser`. The parser
+    remembers `cls` (default `_configs`), so a test can hold every flag against its field."""
+    parser.set_defaults(_configs=(*(parser.get_default("_configs") or ()), cls))
     groups: dict[str, Any] = {}
     for f, tp in flag_fields(cls):
         if f.name in skip:

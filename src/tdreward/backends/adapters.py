@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 from tdreward.errors import TDRewardError
@@ -41,11 +42,27 @@ def adapter_base_model(path: Path) -> str | None:
     return None
 
 
+def import_peft(quiet_bitsandbytes: bool = True):
+    """Import peft. peft imports bitsandbytes whenever it is installed, and bitsandbytes then
+    logs "Failed to load CPU gemm_4bit_forward ..." about a 4-bit kernel: noise unless 4-bit is
+    used, so its loggers are muted for this one import (a no-op once peft is imported)."""
+    if not quiet_bitsandbytes or "bitsandbytes" in sys.modules:
+        import peft
+
+        return peft
+    bnb_log = logging.getLogger("bitsandbytes")
+    level = bnb_log.level
+    bnb_log.setLevel(logging.ERROR)
+    try:
+        import peft
+    finally:
+        bnb_log.setLevel(level)
+    return peft
+
+
 def load_merged_adapter(path: Path, load_base):
     """(model, tokenizer): the adapter's base loaded by `load_base(spec)`, the adapter merged
     into it, the adapter's own tokenizer when it saved one."""
-    from tdreward.backends.hf import import_peft
-
     import_peft()  # first: keeps bitsandbytes' 4-bit kernel notice out of the output
     from peft import PeftModel
 

@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from tdreward.cache_files import (
     update_json_dict,
 )
 from tdreward.data.corpus import env_offline, hub_reachable
-from tdreward.errors import TDRewardError
+from tdreward.errors import TDRewardError, first_line
 from tdreward.specs import ModelSpec, parse_spec
 
 log = logging.getLogger("tdreward")
@@ -94,7 +93,8 @@ def resolve_gguf(spec: ModelSpec) -> Path | None:
     return None
 
 
-def _set_pad(tokenizer, model) -> None:
+def set_pad(tokenizer, model) -> None:
+    """Give the tokenizer a pad token (its EOS, else UNK) and tell the model its id."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token is None:
@@ -132,24 +132,6 @@ def quiet_loading() -> Iterator[None]:
             disable_progress_bars()
         else:
             enable_progress_bars()
-
-
-def import_peft(quiet_bitsandbytes: bool = True):
-    """Import peft. peft imports bitsandbytes whenever it is installed, and bitsandbytes then
-    logs "Failed to load CPU gemm_4bit_forward ..." about a 4-bit kernel: noise unless 4-bit is
-    used, so its loggers are muted for this one import (a no-op once peft is imported)."""
-    if not quiet_bitsandbytes or "bitsandbytes" in sys.modules:
-        import peft
-
-        return peft
-    bnb_log = logging.getLogger("bitsandbytes")
-    level = bnb_log.level
-    bnb_log.setLevel(logging.ERROR)
-    try:
-        import peft
-    finally:
-        bnb_log.setLevel(level)
-    return peft
 
 
 def _load_dir(path: str, dtype: torch.dtype, local_only: bool):
@@ -273,7 +255,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, verbose: bool):
     try:
         return _load_dir(str(target), dtype, local_only=True)
     except Exception as e:  # what a damaged file raises depends on the file and the library
-        first = _first_line(e)
+        first = first_line(e)
         log.warning("cached model %s cannot be loaded (%s: %s); rebuilding it", target,
                     type(e).__name__, first)
     _rebuild(path.expanduser(), target, verbose, seen=seen)
@@ -281,14 +263,9 @@ def _load_gguf(path: Path, dtype: torch.dtype, verbose: bool):
         return _load_dir(str(target), dtype, local_only=True)
     except Exception as e:
         raise TDRewardError(
-            f"cached model {target} is corrupt ({type(e).__name__}: {_first_line(e)}); "
+            f"cached model {target} is corrupt ({type(e).__name__}: {first_line(e)}); "
             "delete that folder and run again"
         ) from e
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_model(spec: str | ModelSpec, dtype: torch.dtype = torch.float32, verbose: bool = False):
@@ -308,7 +285,7 @@ def load_model(spec: str | ModelSpec, dtype: torch.dtype = torch.float32, verbos
             model, tok = _load_hub_or_dir(spec.target, dtype)
         else:
             model, tok = _load_gguf(resolve_gguf(spec), dtype, verbose)
-    _set_pad(tok, model)
+    set_pad(tok, model)
     model.eval()
     if verbose:
         log.info("loaded %s in %.2f s (+ %.1f s importing transformers)", spec.raw,
@@ -338,7 +315,7 @@ def _load_hub_or_dir(target: str, dtype: torch.dtype):
                 f"model {target!r} is not cached and the Hugging Face hub cannot be reached; "
                 "use an embedded model (embedded:smollm2-135m-instruct) or gguf:PATH"
             ) from e
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise TDRewardError(
             f"cannot load {target!r} from the hub ({first}); check the name, or use "
             "embedded:smollm2-135m-instruct or gguf:PATH"

@@ -55,7 +55,7 @@ def _import_llama_cpp() -> Any:
     return llama_cpp
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     """CPUs this process may run on (affinity/cgroup-aware where the OS says so)."""
     if hasattr(os, "sched_getaffinity"):  # not on macOS or Windows
         return len(os.sched_getaffinity(0))
@@ -100,7 +100,7 @@ def _check_gguf_once(path: Path) -> None:
         update_json_dict(record, {key: True})
 
 
-def _gathered_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+def gathered_logprobs(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """log_softmax(logits)[i, targets[i]] for each row, in float64 and in row chunks."""
     out = np.empty(len(targets), dtype=np.float64)
     for start in range(0, len(targets), _LOGSOFTMAX_ROWS):
@@ -133,7 +133,7 @@ class LlamaCppModel:
         # llama-cpp-python defaults to half the CPUs for decoding but all of them for prompt
         # batches; its spinning thread barrier then collapses (10x slower measured on 2 CPUs)
         # as soon as any other process wants a core. Half the usable CPUs for both is robust.
-        threads = n_threads or max(1, _usable_cpus() // 2)
+        threads = n_threads or max(1, usable_cpus() // 2)
         if n_parallel < 1:
             raise TDRewardError(f"n_parallel must be >= 1, got {n_parallel}")
         self.n_parallel = n_parallel  # sequences decoded together by generate()
@@ -187,7 +187,7 @@ class LlamaCppModel:
             raise TDRewardError(f"llama.cpp failed to evaluate {len(tokens)} tokens: {e}") from e
         # Row i of `scores` holds the logits after tokens[:i+1], i.e. the prediction of i+1.
         logits = llm.scores[: len(tokens) - 1]
-        return _gathered_logprobs(logits, np.asarray(tokens[1:], dtype=np.int64))
+        return gathered_logprobs(logits, np.asarray(tokens[1:], dtype=np.int64))
 
     def text_logprobs(self, text: str) -> tuple[list[int], np.ndarray]:
         """(tokenize(text), log-prob of each of those tokens after the first)."""
@@ -213,8 +213,8 @@ class LlamaCppModel:
         {"prompt", "text", "tokens", "logprobs"} per prompt; `logprobs` are the model's
         (untempered) log-probs of the generated tokens, the log-softmax of the raw logits.
         """
-        from tdreward.backends.generation import sample_seeds
         from tdreward.backends.llamacpp_batch import generate_batched
+        from tdreward.backends.registry import sample_seeds
 
         if temperature < 0:
             raise TDRewardError(f"temperature must be >= 0 (0 is greedy), got {temperature}")

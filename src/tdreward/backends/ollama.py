@@ -12,18 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from tdreward.backends.generation import (
-    BackendOptions,
-    Generation,
-    check_sampling,
-    register_backend,
-    sample_seeds,
-    use_chat,
-)
+from tdreward.backends.registry import BackendOptions, Generation, PerPromptGenerator, use_chat
 from tdreward.errors import TDRewardError
 from tdreward.specs import ModelSpec
 
@@ -52,9 +43,30 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-@register_backend("ollama")
-class OllamaGenerator:
-    """An Ollama model behind the generation interface."""
+def ollama_error(e: BaseException, host: str, what: str = "",
+                 timeout: float | None = None) -> TDRewardError:
+    """The one line (to `raise ... from e`) that a failed call to the Ollama server at `host`
+    becomes: a server that cannot be reached, one that did not answer within `timeout`, or the
+    first line of the error it answered with (`ollama.ResponseError`, an httpx error). `what`
+    names the call as a verb phrase ("create 'td-smol'"). The one mapping of Ollama failures:
+    generation here, and `tdreward ollama` / `ollama-finetune` (tdreward.ollama.deploy)."""
+    import httpx
+
+    if isinstance(e, (ConnectionError, httpx.ConnectError)):
+        to = f" to {what}" if what else ""
+        return TDRewardError(f"cannot reach the Ollama server at {host}{to}: is `ollama serve` "
+                             "running? (set --ollama_host or OLLAMA_HOST)")
+    if isinstance(e, httpx.TimeoutException):
+        within = f" within {timeout:g} s" if timeout else ""
+        could_not = f" (could not {what})" if what else ""
+        return TDRewardError(f"the Ollama server at {host} did not answer{within}{could_not}")
+    could_not = f"could not {what}: " if what else ""
+    return TDRewardError(f"Ollama at {host}: {could_not}{_first_line(e)}")
+
+
+class OllamaGenerator(PerPromptGenerator):
+    """An Ollama model behind the generation interface (`generate`: PerPromptGenerator's,
+    one request per prompt)."""
 
     name = "ollama"
 
@@ -78,24 +90,15 @@ class OllamaGenerator:
 
         try:
             return fn(*args, **kw)
-        except ConnectionError as e:
-            raise TDRewardError(
-                f"cannot reach the Ollama server at {self.host}: is `ollama serve` running? "
-                "(set --ollama_host or OLLAMA_HOST)"
-            ) from e
-        except httpx.TimeoutException as e:
-            raise TDRewardError(
-                f"the Ollama server at {self.host} did not answer within {self.timeout:g} s"
-            ) from e
-        except httpx.HTTPError as e:
-            raise TDRewardError(f"Ollama server at {self.host}: {_first_line(e)}") from e
+        except (ConnectionError, httpx.HTTPError) as e:
+            raise ollama_error(e, self.host, timeout=self.timeout) from e
 
     def _show(self, pull: bool):
         try:
             return self._call(self.client.show, self.model)
         except self._ollama.ResponseError as e:
             if e.status_code != 404:
-                raise TDRewardError(f"Ollama at {self.host}: {_first_line(e)}") from e
+                raise ollama_error(e, self.host) from e
         if not pull:
             raise TDRewardError(
                 f"model {self.model!r} is not on the Ollama server at {self.host}; "
@@ -105,7 +108,7 @@ class OllamaGenerator:
         try:
             return self._call(self.client.show, self.model)
         except self._ollama.ResponseError as e:
-            raise TDRewardError(f"Ollama at {self.host}: {_first_line(e)}") from e
+            raise ollama_error(e, self.host) from e
 
     def pull(self) -> None:
         """Pull the model, with a progress bar over the bytes of its layers."""
@@ -122,29 +125,13 @@ class OllamaGenerator:
                     bar.refresh()
                 bar.set_postfix_str(part.status or "")
         except self._ollama.ResponseError as e:
-            raise TDRewardError(f"could not pull {self.model!r} at {self.host}: "
-                                f"{_first_line(e)}") from e
+            raise ollama_error(e, self.host, f"pull {self.model!r}") from e
         finally:
             bar.close()
 
     # --- generation --------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 64,
-                 temperature: float = 0.0, seed: int = 0, top_p: float = 1.0,
-                 seeds: Sequence[int] | None = None) -> list[Generation]:
-        check_sampling(max_new_tokens, temperature, top_p)
-        seeds = sample_seeds(len(prompts), seed, seeds)
-        jobs = list(zip(prompts, seeds))
-
-        def one(job):
-            return self._one(job[0], job[1], max_new_tokens, temperature, top_p)
-
-        if self.concurrency == 1 or len(jobs) == 1:
-            return [one(j) for j in jobs]
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(one, jobs))
-
-    def _one(self, prompt: str, seed: int, max_new_tokens: int, temperature: float,
-             top_p: float) -> Generation:
+    def generate_one(self, prompt: str, seed: int, max_new_tokens: int, temperature: float,
+                     top_p: float) -> Generation:
         options = {"num_predict": max_new_tokens, "temperature": temperature, "seed": seed,
                    "top_p": top_p, "top_k": 0, "repeat_penalty": 1.0}
         kw = {"model": self.model, "prompt": prompt, "raw": not self.chat, "stream": False,
@@ -155,9 +142,8 @@ class OllamaGenerator:
         except self._ollama.ResponseError as e:
             if self.logprobs_supported and "logprob" in _first_line(e).lower():
                 self.logprobs_supported = False  # an older server: generate without them
-                return self._one(prompt, seed, max_new_tokens, temperature, top_p)
-            raise TDRewardError(f"Ollama at {self.host} failed on {self.model!r}: "
-                                f"{_first_line(e)}") from e
+                return self.generate_one(prompt, seed, max_new_tokens, temperature, top_p)
+            raise ollama_error(e, self.host, f"generate with {self.model!r}") from e
         logprobs = [float(lp.logprob) for lp in res.logprobs] if res.logprobs else None
         n = res.eval_count
         reason = res.done_reason or ("length" if n is not None and n >= max_new_tokens else "stop")
@@ -168,4 +154,4 @@ class OllamaGenerator:
         self.client.close()
 
 
-__all__ = ["DEFAULT_HOST", "OllamaGenerator", "ollama_host"]
+__all__ = ["DEFAULT_HOST", "OllamaGenerator", "ollama_error", "ollama_host"]

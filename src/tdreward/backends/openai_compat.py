@@ -21,20 +21,12 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 
-from tdreward.backends.generation import (
-    BackendOptions,
-    Generation,
-    check_sampling,
-    register_backend,
-    sample_seeds,
-)
-from tdreward.errors import TDRewardError
+from tdreward.backends.registry import BackendOptions, Generation, PerPromptGenerator
+from tdreward.errors import TDRewardError, first_line
 from tdreward.specs import ModelSpec
 
 log = logging.getLogger("tdreward")
@@ -58,9 +50,9 @@ class OpenAIServerError(TDRewardError):
         self.detail = detail
 
 
-@register_backend("openai")
-class OpenAICompatGenerator:
-    """Completions from an OpenAI-compatible server, several requests at a time."""
+class OpenAICompatGenerator(PerPromptGenerator):
+    """Completions from an OpenAI-compatible server, several requests at a time (`generate`:
+    PerPromptGenerator's, one request per prompt)."""
 
     name = "openai"
 
@@ -97,11 +89,11 @@ class OpenAICompatGenerator:
                 r = self.client.request(method, path, json=body)
             except httpx.ConnectError as e:
                 problem = f"cannot connect to the OpenAI-compatible server at {self.url} " \
-                          f"({_reason(e)})"
+                          f"({first_line(e)})"
             except httpx.TimeoutException:
                 problem = f"the server at {self.url} did not answer within {self.timeout:g} s"
             except httpx.HTTPError as e:
-                problem = f"request to {self.url} failed: {_reason(e)}"
+                problem = f"request to {self.url} failed: {first_line(e)}"
             else:
                 if r.status_code < 400:
                     return r
@@ -136,21 +128,6 @@ class OpenAICompatGenerator:
             log.warning("%s lists models %s, not %r; trying it anyway", self.url, ids, self.model)
 
     # --- generation --------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 64,
-                 temperature: float = 0.0, seed: int = 0, top_p: float = 1.0,
-                 seeds: Sequence[int] | None = None) -> list[Generation]:
-        check_sampling(max_new_tokens, temperature, top_p)
-        seeds = sample_seeds(len(prompts), seed, seeds)
-        jobs = list(zip(prompts, seeds))
-
-        def one(job):
-            return self._one(job[0], job[1], max_new_tokens, temperature, top_p)
-
-        if self.concurrency == 1 or len(jobs) == 1:
-            return [one(j) for j in jobs]
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(one, jobs))
-
     def _body(self, prompt: str, seed: int, max_new_tokens: int, temperature: float,
               top_p: float) -> tuple[str, dict]:
         body: dict[str, Any] = {"model": self.model, "max_tokens": max_new_tokens,
@@ -167,8 +144,8 @@ class OpenAICompatGenerator:
         body.update(self.extra_body)
         return ("/chat/completions" if self.chat else "/completions"), body
 
-    def _one(self, prompt: str, seed: int, max_new_tokens: int, temperature: float,
-             top_p: float) -> Generation:
+    def generate_one(self, prompt: str, seed: int, max_new_tokens: int, temperature: float,
+                     top_p: float) -> Generation:
         path, body = self._body(prompt, seed, max_new_tokens, temperature, top_p)
         try:
             r = self.request("POST", path, body)
@@ -186,7 +163,7 @@ class OpenAICompatGenerator:
                                     "without them (gen_mean_logprob stays empty; "
                                     "`tdreward serve --logprobs` serves them)",
                                     self.url, e.detail)
-                return self._one(prompt, seed, max_new_tokens, temperature, top_p)
+                return self.generate_one(prompt, seed, max_new_tokens, temperature, top_p)
             raise
         try:
             data = r.json()
@@ -219,11 +196,6 @@ def _logprobs(lp: Any) -> list[float] | None:
     else:
         return None
     return [float(v) for v in vals if v is not None]
-
-
-def _reason(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _error_text(r: httpx.Response) -> str:

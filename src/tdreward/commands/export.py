@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from tdreward.commands import flag
+from tdreward.export.export_config import ExportConfig
+from tdreward.flags import add_flags, from_args
 
 ORDER = 60
 
@@ -17,25 +18,15 @@ def register(sub, common: argparse.ArgumentParser) -> None:
         "GPT-2 architectures. The tokenizer and chat template are copied from the model's "
         "source GGUF when it came from one, else built from the HF tokenizer (byte-level BPE). "
         "Checked against llama.cpp: per-token log-probs agree with the torch model.")
-    flag(p, "--model_path", required=True,
-         help="model spec: directory, hub id, gguf:PATH or embedded:NAME")
-    p.add_argument("--adapter", help="a PEFT LoRA adapter directory, merged before export")
-    p.add_argument("--outfile", required=True, help="the GGUF file to write")
-    p.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f16",
-                   help="tensor type (default f16; 1-D tensors stay f32)")
-    p.add_argument("--tokenizer", choices=("auto", "gguf", "hf"), default="auto",
-                   help="tokenizer metadata: auto (the source GGUF's, else built from the HF "
-                   "tokenizer), gguf (require a source GGUF), hf (always build)")
-    p.add_argument("--name", help="general.name written into the GGUF")
+    add_flags(p, ExportConfig)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tdreward.export.gguf_writer import ExportOptions, export
+    cfg = from_args(ExportConfig, args)  # checked before torch loads
+    from tdreward.export.gguf_writer import export
 
-    info = export(ExportOptions(model_path=args.model_path, outfile=args.outfile,
-                                outtype=args.outtype, adapter=args.adapter,
-                                tokenizer=args.tokenizer, name=args.name))
+    info = export(cfg)
     print(f"wrote {info['outfile']} ({info['architecture']}, {info['outtype']}, "
           f"{info['tensors']} tensors, {info['bytes'] / 1e6:.1f} MB; tokenizer "
           f"{info['tokenizer']})")

@@ -3,22 +3,43 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
-from tdreward.commands import flag
+from tdreward.flags import add_config_flag, add_flags, from_args, setting
+from tdreward.validation import check_choice, check_output_dir, validate
 
 ORDER = 90
+
+
+@dataclass
+class NeuroConfig:
+    """Everything `tdreward neuro` takes: each field is a flag (tdreward.flags)."""
+
+    condition: list[str] = setting(
+        default_factory=lambda: ["all"], default_help="all",
+        help="conditioning, degradation, cued_reward, extinction or all")
+    model: list[str] = setting(default_factory=lambda: ["all"], default_help="all",
+                               help="belief, csc, csc_iti, cue_context or all")
+    trials: int = setting(4000, help="trials per phase")
+    seeds: int = setting(25, help="simulated animals (seeds 0 .. N-1)")
+    output_dir: str = setting("neuro_out", help="where results.json and fig3.png go")
+
+    def __post_init__(self) -> None:
+        from tdreward.neuro import CONDITIONS, MODELS  # numpy and torch: only once built
+
+        validate(self, {"trials": ">=8", "seeds": ">=1"})
+        for name in self.condition:
+            check_choice("--condition", name, (*CONDITIONS, "all"))
+        for name in self.model:
+            check_choice("--model", name, (*MODELS, "all"))
+        check_output_dir(self.output_dir, "--output_dir")
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("neuro", parents=[common],
                        help="simulate Qian et al. (2025): cue RPEs under contingency changes")
-    p.add_argument("--condition", nargs="+", default=["all"],
-                   help="conditioning, degradation, cued_reward, extinction or all")
-    p.add_argument("--model", nargs="+", default=["all"],
-                   help="belief, csc, csc_iti, cue_context or all")
-    p.add_argument("--trials", type=int, default=4000, help="trials per phase")
-    p.add_argument("--seeds", type=int, default=25)
-    flag(p, "--output_dir", default="neuro_out")
+    add_flags(p, NeuroConfig)
+    add_config_flag(p)
     p.set_defaults(func=run)
 
 
@@ -26,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
     from tdreward.display import fmt_num
     from tdreward.neuro import run_neuro
 
-    res = run_neuro(args.condition, args.model, trials=args.trials, seeds=args.seeds,
-                    output_dir=args.output_dir, progress=True)
+    cfg = from_args(NeuroConfig, args)
+    res = run_neuro(cfg.condition, cfg.model, trials=cfg.trials, seeds=cfg.seeds,
+                    output_dir=cfg.output_dir, progress=True)
     print("cue RPE at odour A (normalised to the end of conditioning), mean over seeds:")
     for model in res["models"]:
         row = ", ".join(f"{c} {fmt_num(res['results'][c][model]['cue_rpe_normalized']['mean'], '.3f')}"

@@ -15,10 +15,15 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tdreward.commands import DEFAULT_MODEL, flag
+from tdreward.errors import TDRewardError
+from tdreward.export.export_config import OUTTYPES
+from tdreward.flags import add_flags, from_args, setting
+from tdreward.specs import DEFAULT_MODEL
+from tdreward.validation import check_choice, validate
 
 ORDER = 64
 log = logging.getLogger("tdreward")
@@ -27,44 +32,58 @@ DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # a full 4096-token prompt is ~20 k
 API_KEY_ENV = "TDREWARD_API_KEY"  # not OPENAI_API_KEY: that one may be a real OpenAI key
 
 
+@dataclass
+class ServeConfig:
+    """Everything `tdreward serve` takes: each field is a flag (tdreward.flags)."""
+
+    model: str = setting(DEFAULT_MODEL, help="a .gguf file or model spec")
+    host: str = setting("127.0.0.1", help="listen address")
+    port: int = setting(8080, help="listen port")
+    alias: str | None = setting(None, help="the model's name in the API", default_help=(
+        "the spec; for a local file or directory its name, so that no path is exposed"))
+    api_key: str | None = setting(
+        None, help="require `Authorization: Bearer KEY` on every API call",
+        default_help=f"${API_KEY_ENV}; clients: $OPENAI_API_KEY")
+    max_request_bytes: int = setting(DEFAULT_MAX_REQUEST_BYTES,
+                                     help="refuse larger request bodies with 413")
+    logprobs: bool = setting(
+        False, help="serve log-probs of generated tokens (llama.cpp's logits_all: keeps "
+        "n_ctx x vocabulary floats, 0.8 GB for SmolLM2 at n_ctx 4096); without it `compare` "
+        "records no gen_mean_logprob")
+    n_ctx: int = setting(4096, help="context length")
+    n_threads: int | None = setting(None, help="CPU threads",
+                                    default_help="half the usable CPUs")
+    outtype: str = setting("f16", choices=OUTTYPES,
+                           help="GGUF type when a transformers model is exported")
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise TDRewardError(f"--port must be in 1..65535, got {self.port}")
+        if self.max_request_bytes < 1024:
+            raise TDRewardError(f"--max_request_bytes must be at least 1024, got "
+                                f"{self.max_request_bytes}")
+        validate(self, {"n_ctx": ">=1", "n_threads": ">=1"})
+        check_choice("--outtype", self.outtype, OUTTYPES)
+        if self.api_key is None:  # read when the config is built, not when the module loads
+            self.api_key = os.environ.get(API_KEY_ENV) or None
+
+
 def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "serve", parents=[common], help="serve a model with llama.cpp's OpenAI-compatible server",
         description="Run llama-cpp-python's OpenAI-compatible server (/v1/models, "
         "/v1/completions, /v1/chat/completions) for a GGUF file or any model spec; "
         "transformers models are exported to GGUF first (cached).")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"a .gguf file or model spec (default {DEFAULT_MODEL})")
-    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8080, help="listen port (default 8080)")
-    p.add_argument("--alias", help="the model's name in the API (default: the spec; for a "
-                   "local file or directory its name, so that no path is exposed)")
-    flag(p, "--api_key", default=os.environ.get(API_KEY_ENV) or None,
-         help="require `Authorization: Bearer KEY` on every API call (default "
-         f"${API_KEY_ENV}; clients: $OPENAI_API_KEY)")
-    flag(p, "--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-         help=f"refuse larger request bodies with 413 (default {DEFAULT_MAX_REQUEST_BYTES})")
-    p.add_argument("--logprobs", action="store_true",
-                   help="serve log-probs of generated tokens (llama.cpp's logits_all: keeps "
-                   "n_ctx x vocabulary floats, 0.8 GB for SmolLM2 at n_ctx 4096); without it "
-                   "`compare` records no gen_mean_logprob")
-    flag(p, "--n_ctx", type=int, default=4096, help="context length (4096)")
-    flag(p, "--n_threads", type=int, help="CPU threads (default: half the usable CPUs)")
-    p.add_argument("--outtype", choices=("f32", "f16", "q8_0"), default="f16",
-                   help="GGUF type when a transformers model is exported (f16)")
+    add_flags(p, ServeConfig)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from tdreward.errors import TDRewardError
+    cfg = from_args(ServeConfig, args, verbose=args.verbose)
     from tdreward.export.gguf_writer import cached_gguf
 
-    if not 0 < args.port < 65536:
-        raise TDRewardError(f"--port must be in 1..65535, got {args.port}")
-    if args.max_request_bytes < 1024:
-        raise TDRewardError(f"--max_request_bytes must be at least 1024, got "
-                            f"{args.max_request_bytes}")
-    warn_if_exposed(args.host, args.api_key is not None)  # before the minutes an export takes
+    warn_if_exposed(cfg.host, cfg.api_key is not None)  # before the minutes an export takes
     try:
         import uvicorn
         from llama_cpp.server.app import create_app
@@ -73,35 +92,34 @@ def run(args: argparse.Namespace) -> int:
         raise TDRewardError("`tdreward serve` needs llama-cpp-python's server extra: "
                             "pip install 'llama-cpp-python[server]'") from e
     from tdreward.backends.hf import check_gguf
-    from tdreward.backends.llamacpp import _usable_cpus
+    from tdreward.backends.llamacpp import usable_cpus
 
-    path = cached_gguf(args.model, args.outtype)
+    path = cached_gguf(cfg.model, cfg.outtype)
     check_gguf(path)  # llama.cpp aborts the process on some malformed files
-    threads = args.n_threads or max(1, _usable_cpus() // 2)
-    alias = args.alias or default_alias(args.model)
+    threads = cfg.n_threads or max(1, usable_cpus() // 2)
+    alias = cfg.alias or default_alias(cfg.model)
     # api_key is passed even when None: ServerSettings is a pydantic BaseSettings and would
     # otherwise take $API_KEY from the environment (a key the user never gave serve).
     app = create_app(
-        server_settings=ServerSettings(host=args.host, port=args.port, api_key=args.api_key),
-        model_settings=[ModelSettings(model=str(path), model_alias=alias, n_ctx=args.n_ctx,
+        server_settings=ServerSettings(host=cfg.host, port=cfg.port, api_key=cfg.api_key),
+        model_settings=[ModelSettings(model=str(path), model_alias=alias, n_ctx=cfg.n_ctx,
                                       n_threads=threads, n_threads_batch=threads,
-                                      logits_all=args.logprobs, verbose=args.verbose)])
+                                      logits_all=cfg.logprobs, verbose=cfg.verbose)])
     hide_model_path(alias)
-    host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 literal
-    url = f"http://{host}:{args.port}/v1"
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host  # an IPv6 literal
+    url = f"http://{host}:{cfg.port}/v1"
     print(f"serving {path} as {alias!r} at {url}  (spec: openai:{url}#{alias})", flush=True)
     try:
-        uvicorn.run(BodySizeLimit(app, args.max_request_bytes), host=args.host, port=args.port,
-                    log_level="info" if args.verbose else "warning")
+        uvicorn.run(BodySizeLimit(app, cfg.max_request_bytes), host=cfg.host, port=cfg.port,
+                    log_level="info" if cfg.verbose else "warning")
     except OSError as e:  # the port is taken, the address is not ours, ...
-        raise TDRewardError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from e
+        raise TDRewardError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from e
     return 0
 
 
 def default_alias(model: str) -> str:
     """The spec, except for a local file or directory: its name (the .gguf stem), because the
     alias is what /v1/models and every answer show to clients."""
-    from tdreward.errors import TDRewardError
     from tdreward.specs import parse_spec
 
     try:

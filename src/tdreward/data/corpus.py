@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from tdreward.errors import TDRewardError
+from tdreward.errors import TDRewardError, first_line
 
 # WikiText marks an article title as " = Title = "; sections are " = = Section = = ".
 WIKITEXT_HEADING = re.compile(r"^ = [^=].* = $")
@@ -27,11 +27,6 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 _HUB_CHECK_TIMEOUT_S = 3.0
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def read_text_file(path: Path) -> str:
     """Read a UTF-8 file strictly (a BOM is allowed); newlines normalised to '\\n'."""
     try:
@@ -41,7 +36,7 @@ def read_text_file(path: Path) -> str:
     except IsADirectoryError:
         raise TDRewardError(f"{path} is a folder, expected a file") from None
     except OSError as exc:
-        raise TDRewardError(f"cannot read {path}: {_one_line(exc)}") from None
+        raise TDRewardError(f"cannot read {path}: {first_line(exc)}") from None
     bom = b"\xef\xbb\xbf"
     skip = len(bom) if data.startswith(bom) else 0
     try:
@@ -54,7 +49,7 @@ def read_text_file(path: Path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line number, object) for each non-blank line of a JSON Lines file."""
     # Split on '\n' only: str.splitlines would also break on U+2028 etc. inside JSON strings.
     for number, line in enumerate(read_text_file(path).split("\n"), start=1):
@@ -127,7 +122,7 @@ def _rows_to_documents(rows: list[str | None]) -> list[str]:
 
 def _load_jsonl(path: Path, text_field: str) -> list[str]:
     rows: list[str | None] = []
-    for number, record in _iter_jsonl(path):
+    for number, record in iter_jsonl(path):
         text = _record_text(record, text_field)
         if text is None and record.get(text_field) is not None:
             raise TDRewardError(f"{path}, line {number}: field {text_field!r} is not a string")
@@ -147,9 +142,9 @@ def _load_parquet(path: Path, text_field: str) -> list[str]:
     try:
         table = pq.read_table(path)
     except OSError as exc:
-        raise TDRewardError(f"cannot read Parquet file {path}: {_one_line(exc)}") from None
+        raise TDRewardError(f"cannot read Parquet file {path}: {first_line(exc)}") from None
     except Exception as exc:  # pyarrow raises ArrowInvalid (a ValueError) for corrupt files
-        raise TDRewardError(f"{path} is not a valid Parquet file: {_one_line(exc)}") from None
+        raise TDRewardError(f"{path} is not a valid Parquet file: {first_line(exc)}") from None
     columns = table.column_names
     if text_field in columns:
         values = table.column(text_field).to_pylist()
@@ -281,11 +276,11 @@ def _load_hf_dataset(name: str, config: str | None, split: str, text_field: str)
                 "pass a local .txt/.jsonl/.parquet file or folder instead"
             ) from None
         raise TDRewardError(
-            f"could not load {where}: {_one_line(exc)}; check the name or pass a local file"
+            f"could not load {where}: {first_line(exc)}; check the name or pass a local file"
         ) from None
     except Exception as exc:  # datasets raises many types (ValueError for a bad split, ...)
         raise TDRewardError(
-            f"could not load {where}: {_one_line(exc)}; check the name, --dataset_config and split"
+            f"could not load {where}: {first_line(exc)}; check the name, --dataset_config and split"
         ) from None
     if isinstance(dataset, datasets.DatasetDict):  # only when split=None; be defensive
         raise TDRewardError(f"{where}: choose a split, one of {', '.join(dataset)}")

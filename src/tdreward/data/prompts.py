@@ -1,14 +1,24 @@
-"""Prompt sets: JSON Lines with a `prompt` key, or plain text with one prompt per line."""
+"""Prompt sets (JSON Lines with a `prompt` key, or plain text with one prompt per line), and
+the one rule for how a prompt reaches a model (`format_prompt`).
+
+Prompt formats: `auto` wraps a prompt as a user turn in the model's chat template when the
+model has one (instruction-tuned models) and passes it raw otherwise; `chat` always wraps it
+(an error without a template); `raw` never does. A chat-formatted prompt is tokenised without
+added special tokens (the template writes its own BOS where the model wants one), a raw one
+with them.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tdreward.data.corpus import _iter_jsonl, read_text_file
+from tdreward.data.corpus import iter_jsonl, read_text_file
 from tdreward.errors import TDRewardError
 
 PROMPT_SUFFIXES = (".jsonl", ".txt")
+PROMPT_FORMATS = ("auto", "chat", "raw")
 
 
 @dataclass
@@ -21,7 +31,7 @@ class PromptExample:
 
 def _from_jsonl(path: Path) -> list[PromptExample]:
     examples = []
-    for number, record in _iter_jsonl(path):
+    for number, record in iter_jsonl(path):
         if "prompt" not in record:
             raise TDRewardError(
                 f"{path}, line {number}: missing 'prompt' key; "
@@ -59,3 +69,42 @@ def load_prompts(path: str) -> list[PromptExample]:
     if not examples:
         raise TDRewardError(f"prompt file {path} is empty; add at least one prompt")
     return examples
+
+
+# --------------------------------------------------------------------------- prompt format
+def has_chat_template(tokenizer) -> bool:
+    """Whether a transformers tokenizer carries a chat template."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def use_chat(mode: str, has_template: bool, model: str = "this tokenizer",
+             fix: str = "use --prompt_format raw or auto") -> bool:
+    """Whether a prompt is wrapped as a chat turn: auto = when the model has a chat template,
+    chat = always (a TDRewardError naming `model` and `fix` when it has none), raw = never."""
+    if mode not in PROMPT_FORMATS:
+        raise TDRewardError(
+            f"prompt format must be one of {', '.join(PROMPT_FORMATS)}, got {mode!r}")
+    if mode == "chat" and not has_template:
+        raise TDRewardError(f"{model} has no chat template; {fix}")
+    return mode == "chat" or (mode == "auto" and has_template)
+
+
+def format_prompt(tokenizer, prompt: str | Sequence[Mapping[str, str]], mode: str = "auto", *,
+                  tokenize: bool = False, model: str = "this tokenizer",
+                  fix: str = "use --prompt_format raw or auto") -> str | list[int]:
+    """A prompt as a transformers model reads it: the text, or its token ids (`tokenize`).
+
+    `prompt` is a text (wrapped as one user turn) or a conversation (a list of
+    {"role", "content"} messages; raw, its contents joined by newlines). In chat form the
+    template's assistant header follows, so the model answers; see the module docstring for
+    the modes and the special tokens.
+    """
+    chat = use_chat(mode, has_chat_template(tokenizer), model, fix)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if chat:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    else:
+        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in messages)
+    if not tokenize:
+        return text
+    return tokenizer(text, add_special_tokens=not chat)["input_ids"]

@@ -22,93 +22,21 @@ import dataclasses
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from tdreward.backends.embedded import DEFAULT_MODEL
-from tdreward.backends.generation import BackendOptions, Generation, backend_for, make_generator
+from tdreward.backends.registry import BackendOptions, Generation, backend_for, make_generator
 from tdreward.errors import TDRewardError
 from tdreward.evaluation import stats
+from tdreward.evaluation.compare_config import DEFAULT_MODELS, CompareConfig
 from tdreward.evaluation.gen_cache import GenerationCache, default_cache_dir, model_fingerprint
 from tdreward.io import write_json
-from tdreward.reward_model import TDRewardModel, TextScore
+from tdreward.reward_model import TDRewardModel, TextScore, load_reward_model
 from tdreward.specs import parse_spec
-from tdreward.validation import check_output_dir, validate
 
 log = logging.getLogger("tdreward")
 
-DEFAULT_MODELS = ("embedded:smollm2-135m-instruct", "embedded:gemma3-270m")
 EVAL_PROMPTS = "eval_prompts.jsonl"
 TRAINING_DATA = "sample_training_data.jsonl"
-
-
-@dataclass
-class CompareConfig:
-    models: list[str] = field(default_factory=lambda: list(DEFAULT_MODELS))
-    num_samples: int = 10
-    prompts: str | None = None  # .jsonl / .txt; default: the bundled eval_prompts.jsonl
-    output_dir: str = "compare_out"
-    base_model: str = DEFAULT_MODEL  # the reward model's reference LM
-    reward_model_path: str | None = None
-    alpha: float | None = None
-    beta: float | None = None
-    gamma: float | None = None
-    max_new_tokens: int = 100
-    temperature: float = 0.7
-    top_p: float = 1.0
-    seed: int = 0
-    backend: str = "auto"  # auto | transformers | llamacpp (GGUF models)
-    prompt_format: str = "auto"  # auto (chat template if the model has one) | chat | raw
-    ollama_host: str | None = None
-    pull: bool = False
-    concurrency: int = 4
-    timeout: float = 300.0
-    retries: int = 3
-    batch_size: int = 8  # generation (transformers batch, llama.cpp parallel sequences), scoring
-    threads: int | None = None  # llama.cpp threads; default half the CPUs
-    openai_extra_body: dict = field(default_factory=dict)
-    cache_dir: str | None = None  # default $TDREWARD_CACHE/generations
-    no_cache: bool = False
-    self_score: bool = False
-    self_score_corpus: str | None = None  # default: the bundled sample_training_data.jsonl
-    self_score_config: str | None = None
-    self_score_split: str = "test"
-    self_score_chars: int = 20_000
-    html_report: bool = False
-    trace_samples: int = 3  # dopamine traces per model in the HTML report
-    bootstrap: int = stats.N_BOOT
-    verbose: bool = False
-    command: str = "compare"  # recorded in results.json: compare | experiment | test-instruct
-
-    def __post_init__(self) -> None:
-        check_generation_settings(self)
-        validate(self, {"self_score_chars": ">=1", "trace_samples": ">=0", "bootstrap": ">=1"})
-        if not self.models:
-            raise TDRewardError("no models to compare: give --models")
-        if len(set(self.models)) != len(self.models):
-            raise TDRewardError("--models names a model twice")
-        for m in self.models:
-            parse_spec(m)  # a bad spec fails here, before any work
-        check_output_dir(self.output_dir, "--output_dir")
-
-
-# Ranges of the generation and scoring flags that compare, experiment, test-instruct and
-# evaluate share (tdreward.validation).
-GENERATION_RULES = {
-    "num_samples": ">=1", "max_new_tokens": ">=1", "temperature": ">=0", "top_p": "(0, 1]",
-    "concurrency": ">=1", "timeout": ">0", "retries": ">=0", "batch_size": ">=1",
-    "threads": ">=1", "gamma": "[0, 1]",
-}
-
-
-def check_generation_settings(cfg) -> None:
-    """The shared generation/scoring ranges, and the critic against the reference LM (before
-    any generation or model load)."""
-    validate(cfg, {k: v for k, v in GENERATION_RULES.items() if hasattr(cfg, k)})
-    if cfg.reward_model_path:
-        from tdreward.critic_files import check_critic_fits
-
-        check_critic_fits(cfg.reward_model_path, cfg.base_model, "--base_model")
 
 
 def bundled_data(name: str) -> Path:
@@ -336,11 +264,8 @@ def comparisons(models: dict[str, dict], n_boot: int = stats.N_BOOT) -> list[dic
 
 # --------------------------------------------------------------------------- the run
 def load_scorer(cfg: CompareConfig) -> TDRewardModel:
-    from tdreward.evaluation.score import ScoreOptions, load_reward_model
-
-    return load_reward_model(ScoreOptions(
-        model=cfg.base_model, reward_model_path=cfg.reward_model_path, alpha=cfg.alpha,
-        beta=cfg.beta, gamma=cfg.gamma, batch_size=cfg.batch_size, verbose=cfg.verbose))
+    """The reward model that scores every response: `cfg.reward` on `cfg.base_model`."""
+    return load_reward_model(cfg.base_model, cfg.reward, verbose=cfg.verbose)
 
 
 def compare_models(cfg: CompareConfig, prompts: list[str], rm: TDRewardModel | None = None
@@ -373,7 +298,7 @@ def run_compare(cfg: CompareConfig) -> dict:
         "config": dataclasses.asdict(cfg),
         "prompts_file": source,
         "num_prompts": len(prompts),
-        "reward_model": {"base_model": rm.base_model, "path": cfg.reward_model_path,
+        "reward_model": {"base_model": rm.base_model, "path": cfg.reward.reward_model_path,
                          "trained": rm.trained, "reward_config": rm.config.to_dict()},
         "models": models,
         "comparisons": comparisons(models, cfg.bootstrap),
@@ -384,7 +309,7 @@ def run_compare(cfg: CompareConfig) -> dict:
         corpus = cfg.self_score_corpus or str(bundled_data(TRAINING_DATA))
         results["self_scores"] = self_score_models(
             cfg.models, rm, corpus, cfg.self_score_config, cfg.self_score_split,
-            cfg.self_score_chars, cfg.reward_model_path, cfg.batch_size)
+            cfg.self_score_chars, cfg.reward.reward_model_path, cfg.batch_size)
     results["seconds"] = time.perf_counter() - start
     files = {"results": str(out / "results.json"), "plot": str(out / "comparison.png")}
     if cfg.html_report:

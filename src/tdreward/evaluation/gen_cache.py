@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from tdreward.backends.embedded import cache_dir
-from tdreward.backends.generation import Generation
+from tdreward.backends.registry import Generation
 from tdreward.io import write_json
 from tdreward.specs import ModelSpec
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,29 +28,10 @@ import torch
 from tdreward.errors import TDRewardError
 from tdreward.export import tokenizer as gguf_tokenizer
 from tdreward.export.architectures import ARCHS, SUPPORTED, arch_for, permute_qk
+from tdreward.export.export_config import OUTTYPES, ExportConfig
 from tdreward.io import atomic_path
-from tdreward.validation import check_choice, check_output_file
 
 log = logging.getLogger("tdreward")
-
-OUTTYPES = ("f32", "f16", "q8_0")
-
-
-@dataclass
-class ExportOptions:
-    """Everything `tdreward export` takes."""
-
-    model_path: str  # a model spec: hub id, directory, gguf:PATH or embedded:NAME
-    outfile: str
-    outtype: str = "f16"
-    adapter: str | None = None  # a PEFT LoRA adapter directory, merged before export
-    tokenizer: str = "auto"  # auto | gguf | hf (see gguf_tokenizer.tokenizer_source)
-    name: str | None = None  # general.name in the GGUF (default: the model's)
-
-    def __post_init__(self) -> None:
-        check_choice("--outtype", self.outtype, OUTTYPES)
-        check_choice("--tokenizer", self.tokenizer, ("auto", "gguf", "hf"))
-        check_output_file(self.outfile, "--outfile")
 
 
 # --------------------------------------------------------------------------- tensors
@@ -196,7 +176,7 @@ def source_gguf_of(model_path: str) -> Path | None:
 
 def merge_adapter(model, adapter: str | Path):
     """Merge a PEFT LoRA adapter into `model` (returns the plain merged model)."""
-    from tdreward.backends.hf import import_peft
+    from tdreward.backends.adapters import import_peft
 
     import_peft()  # first: keeps bitsandbytes' 4-bit kernel notice out of the output
     from peft import PeftModel
@@ -222,7 +202,7 @@ def load_for_export(model_path: str, adapter: str | None = None):
     return model.eval(), tok, source_gguf_of(model_path)
 
 
-def export(opts: ExportOptions) -> dict:
+def export(opts: ExportConfig) -> dict:
     """`tdreward export`: load (and merge), then write the GGUF file."""
     if opts.outtype not in OUTTYPES:
         raise TDRewardError(f"--outtype must be one of {', '.join(OUTTYPES)}, not {opts.outtype!r}")
@@ -274,5 +254,5 @@ def cached_gguf(model_path: str, outtype: str = "f16") -> Path:
     return out
 
 
-__all__ = ["ARCHS", "ExportOptions", "OUTTYPES", "SUPPORTED", "arch_for", "cached_gguf", "export",
+__all__ = ["ARCHS", "ExportConfig", "OUTTYPES", "SUPPORTED", "arch_for", "cached_gguf", "export",
            "load_for_export", "merge_adapter", "permute_qk", "write_gguf"]

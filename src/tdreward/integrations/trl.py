@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from tdreward.critic_files import read_critic_config
+from tdreward.data.prompts import format_prompt, has_chat_template
 from tdreward.errors import TDRewardError
 from tdreward.reward_model import TDRewardModel
 
@@ -47,27 +47,27 @@ class TDRewardFunction:
                         **kwargs) -> TDRewardFunction:
         """Load the reward model once: a trained critic (its own reference LM unless
         `base_model` is given) or, without a path, an untrained critic on `base_model`."""
-        from tdreward.backends.embedded import DEFAULT_MODEL
-        from tdreward.evaluation.score import ScoreOptions, load_reward_model
+        from tdreward.reward_model import load_reward_model
+        from tdreward.reward_settings import RewardSettings
+        from tdreward.specs import DEFAULT_MODEL
 
-        if reward_model_path and not base_model:
-            from pathlib import Path
-
-            base_model = read_critic_config(Path(reward_model_path))["base_model"]
-        opts = ScoreOptions(model=base_model or DEFAULT_MODEL,
-                            reward_model_path=reward_model_path)
-        return cls(load_reward_model(opts), **kwargs)
+        settings = RewardSettings(reward_model_path=reward_model_path)
+        meta = settings.check_fits(base_model)  # before any model loads
+        spec = base_model or (meta or {}).get("base_model") or DEFAULT_MODEL
+        return cls(load_reward_model(spec, settings), **kwargs)
 
     # ----------------------------------------------------------------- text handling
     def _prompt_ids(self, prompt) -> list[int]:
         tok = self.reward_model.tokenizer
-        if isinstance(prompt, str):  # read after the prefix token, as `tdreward score` reads
+        # TRL's own rule: a text prompt (standard format) is never wrapped: read raw, after
+        # the prefix token, as `tdreward score` reads a text. A conversation (a list of
+        # messages) is mode "auto": in the chat template when the tokenizer has one, else its
+        # contents joined by newlines, read raw like a text.
+        if isinstance(prompt, str):
             return self.reward_model.encode([prompt])[0]
-        if getattr(tok, "chat_template", None):  # conversational: a list of messages
-            text = tok.apply_chat_template(list(prompt), add_generation_prompt=True,
-                                           tokenize=False)
-            return tok(text, add_special_tokens=False)["input_ids"]
-        return self.reward_model.encode(["\n".join(m["content"] for m in prompt)])[0]
+        if has_chat_template(tok):
+            return format_prompt(tok, prompt, "chat", tokenize=True)
+        return self.reward_model.encode([format_prompt(tok, prompt, "raw")])[0]
 
     def _completion_ids(self, completion) -> list[int]:
         text = completion if isinstance(completion, str) else "".join(

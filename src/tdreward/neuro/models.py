@@ -145,17 +145,6 @@ def _check_same(a: Tensor, b: Tensor, what: str) -> None:
         raise ValueError(f"belief not reset by {what}: the belief table would not be exact")
 
 
-def filter_session(obs: np.ndarray, spec: BeliefSpec) -> np.ndarray:
-    """Reference: run belief_update bin by bin over a session, starting in Wait: [T, K]."""
-    log_b = _onehot_log(spec.n_states, spec.wait)
-    out = np.empty((len(obs), spec.n_states))
-    out[0] = log_b.exp().numpy()
-    for t in range(1, len(obs)):
-        log_b = _update(log_b, spec, int(obs[t]))
-        out[t] = log_b.exp().numpy()
-    return out
-
-
 @dataclass(frozen=True)
 class Timeline:
     """Where each bin is: in an odour's delay (cue, d) or in the ITI (u)."""

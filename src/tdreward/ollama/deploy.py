@@ -23,56 +23,17 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from tdreward.backends.embedded import DEFAULT_MODEL
 from tdreward.errors import TDRewardError
 from tdreward.io import write_text
 from tdreward.ollama.modelfile import create_fields, modelfile_for
-from tdreward.validation import check_choice, check_output_dir, check_output_file, validate
+from tdreward.ollama.ollama_config import ACTIONS, OllamaConfig
+from tdreward.specs import DEFAULT_MODEL
 
 log = logging.getLogger("tdreward")
 
-ACTIONS = ("create", "run", "evaluate", "delete")
 _CHUNK = 1 << 20
-
-
-@dataclass
-class OllamaConfig:
-    """Everything `tdreward ollama` takes."""
-
-    action: str = "create"
-    model_name: str | None = None
-    model_path: str | None = None  # create: a model spec, a .gguf file or a directory
-    prompt: list[str] = field(default_factory=list)  # run / evaluate
-    prompts: str | None = None  # evaluate: a .jsonl/.txt prompt file (default: bundled)
-    base_model: str | None = None  # evaluate: the reward model's reference LM
-    reward_model_path: str | None = None
-    alpha: float | None = None
-    beta: float | None = None
-    gamma: float | None = None
-    ollama_host: str | None = None
-    output_dir: str | None = None  # create: where the GGUF + Modelfile go
-    outtype: str = "f16"  # create: GGUF type when exporting
-    system: str | None = None  # create: SYSTEM (default: the chat template's own)
-    template: str | None = None  # create: a file with a Go template replacing the derived one
-    via: str = "api"  # create: api | cli (`ollama create`, when installed)
-    num_samples: int = 4  # evaluate
-    max_new_tokens: int = 128
-    temperature: float = 0.7
-    seed: int = 0
-    output: str | None = None  # evaluate: results JSON
-    verbose: bool = False
-
-    def __post_init__(self) -> None:
-        validate(self, {"num_samples": ">=1", "max_new_tokens": ">=1", "temperature": ">=0",
-                        "gamma": "[0, 1]"})
-        check_choice("--action", self.action, ACTIONS)
-        check_choice("--outtype", self.outtype, ("f32", "f16", "q8_0"))
-        check_output_file(self.output, "--output")
-        if self.action == "create":
-            check_output_dir(self.output_dir, "--output_dir")
 
 
 def safe_name(name: str) -> str:
@@ -101,24 +62,21 @@ class OllamaAPI:
         from tdreward.backends.ollama import ollama_host
 
         self.host = ollama_host(host)
+        self.timeout = timeout
         self._ollama = ollama
         self.client = ollama.Client(host=self.host, timeout=timeout)
         self.http = httpx.Client(base_url=self.host, timeout=timeout)
 
     def _call(self, what: str, fn, *args, **kw):
+        """`fn(*args, **kw)`; a failure becomes one line saying what could not be done."""
         import httpx
+
+        from tdreward.backends.ollama import ollama_error
 
         try:
             return fn(*args, **kw)
-        except (ConnectionError, httpx.ConnectError) as e:
-            raise TDRewardError(
-                f"cannot reach the Ollama server at {self.host} ({what}): is `ollama serve` "
-                "running? (set --ollama_host or OLLAMA_HOST)") from e
-        except self._ollama.ResponseError as e:
-            msg = (str(e.error).strip().splitlines() or [""])[0]
-            raise TDRewardError(f"Ollama at {self.host}: {what} failed: {msg}") from e
-        except httpx.HTTPError as e:
-            raise TDRewardError(f"Ollama at {self.host}: {what} failed: {e}") from e
+        except (ConnectionError, httpx.HTTPError, self._ollama.ResponseError) as e:
+            raise ollama_error(e, self.host, what, self.timeout) from e
 
     def reachable(self) -> bool:
         import httpx
@@ -138,7 +96,7 @@ class OllamaAPI:
             for block in iter(lambda: f.read(_CHUNK), b""):
                 h.update(block)
         digest = f"sha256:{h.hexdigest()}"
-        head = self._call("HEAD blob", self.http.head, f"/api/blobs/{digest}")
+        head = self._call("look up a blob", self.http.head, f"/api/blobs/{digest}")
         if head.status_code == 200:
             log.info("the server already has %s", digest[:19])
             return digest
@@ -151,7 +109,8 @@ class OllamaAPI:
                     bar.update(len(block))
                     yield block
 
-        res = self._call("blob upload", self.http.post, f"/api/blobs/{digest}", content=body())
+        res = self._call("upload a blob", self.http.post, f"/api/blobs/{digest}",
+                         content=body())
         if res.status_code not in (200, 201):
             raise TDRewardError(f"Ollama at {self.host} refused the blob {digest[:19]}: "
                                 f"{res.status_code} {res.text.strip()[:200]}")
@@ -166,11 +125,12 @@ class OllamaAPI:
             fname = fields.from_path.name
             files = {fname if fname.endswith(".gguf") else "model.gguf": digest}
         status = ""
-        stream = self._call("create", self.client.create, name, from_=fields.from_model,
+        stream = self._call(f"create {name!r}", self.client.create, name,
+                            from_=fields.from_model,
                             files=files, template=fields.template, system=fields.system,
                             parameters=fields.parameters or None,
                             license=fields.license or None, stream=True)
-        for part in self._iter("create", stream):
+        for part in self._iter(f"create {name!r}", stream):
             status = part.status or status
             log.info("ollama create: %s", status)
         if status != "success":
@@ -189,15 +149,16 @@ class OllamaAPI:
     def generate(self, name: str, prompt: str, max_new_tokens: int, temperature: float,
                  seed: int = 0):
         options = {"num_predict": max_new_tokens, "temperature": temperature, "seed": seed}
-        stream = self._call("generate", self.client.generate, model=name, prompt=prompt,
+        what = f"generate with {name!r}"
+        stream = self._call(what, self.client.generate, model=name, prompt=prompt,
                             options=options, stream=True)
-        yield from (p.response or "" for p in self._iter("generate", stream))
+        yield from (p.response or "" for p in self._iter(what, stream))
 
     def delete(self, name: str) -> None:
-        self._call("delete", self.client.delete, name)
+        self._call(f"delete {name!r}", self.client.delete, name)
 
     def show(self, name: str):
-        return self._call("show", self.client.show, name)
+        return self._call(f"show {name!r}", self.client.show, name)
 
     def close(self) -> None:
         self.http.close()
@@ -244,7 +205,8 @@ def write_modelfile(gguf: Path, out_dir: Path, system: str | None = None,
 
 def prepare(cfg: OllamaConfig) -> tuple[Path, Path]:
     """(GGUF, Modelfile) for `create`: exports the model unless it is a GGUF already."""
-    from tdreward.export.gguf_writer import ExportOptions, export
+    from tdreward.export.export_config import ExportConfig
+    from tdreward.export.gguf_writer import export
 
     if not cfg.model_path:
         raise TDRewardError("--model_path is required for --action create (a directory, hub "
@@ -255,8 +217,8 @@ def prepare(cfg: OllamaConfig) -> tuple[Path, Path]:
     if gguf is None:
         gguf = out_dir / f"{safe_name(name)}.{cfg.outtype}.gguf"
         log.warning("exporting %s to %s", cfg.model_path, gguf)
-        export(ExportOptions(model_path=cfg.model_path, outfile=str(gguf), outtype=cfg.outtype,
-                             name=name))
+        export(ExportConfig(model_path=cfg.model_path, outfile=str(gguf), outtype=cfg.outtype,
+                            name=name))
     out_dir.mkdir(parents=True, exist_ok=True)
     return gguf, write_modelfile(gguf, out_dir, cfg.system, cfg.template)
 
@@ -325,10 +287,10 @@ def reward_reference(cfg: OllamaConfig) -> str:
     """The reward model's reference LM: --base_model, else the critic's own, else SmolLM2."""
     if cfg.base_model:
         return cfg.base_model
-    if cfg.reward_model_path:
+    if cfg.reward.reward_model_path:
         from tdreward.critic_files import read_critic_config
 
-        return read_critic_config(Path(cfg.reward_model_path))["base_model"]
+        return read_critic_config(Path(cfg.reward.reward_model_path))["base_model"]
     return DEFAULT_MODEL
 
 
@@ -341,14 +303,13 @@ def run_evaluate(cfg: OllamaConfig) -> dict:
     prompts = list(cfg.prompt) or load_prompt_texts(cfg.prompts)[0]
     ccfg = CompareConfig(
         models=[f"ollama:{name}"], num_samples=cfg.num_samples or len(prompts),
-        base_model=reward_reference(cfg), reward_model_path=cfg.reward_model_path,
-        alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma, max_new_tokens=cfg.max_new_tokens,
+        base_model=reward_reference(cfg), reward=cfg.reward, max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature, seed=cfg.seed, ollama_host=cfg.ollama_host,
         concurrency=1, no_cache=True, verbose=cfg.verbose, command="ollama-evaluate")
     models, _traces, rm = compare_models(ccfg, prompts)
     summary = models[f"ollama:{name}"]
     result = {"model": name, "reward_model": {"base_model": ccfg.base_model,
-                                              "path": cfg.reward_model_path,
+                                              "path": cfg.reward.reward_model_path,
                                               "trained": rm.trained},
               "td_reward": summary["td_reward"], "samples": summary["samples"]}
     print_evaluation(result)

@@ -26,50 +26,9 @@ from pathlib import Path
 from tdreward.errors import TDRewardError
 from tdreward.io import write_json
 from tdreward.ollama.deploy import OllamaAPI, create_in_ollama, safe_name, write_modelfile
-from tdreward.validation import check_choice, check_output_dir, validate
+from tdreward.recipes.ollama_finetune_config import FinetuneConfig
 
 log = logging.getLogger("tdreward")
-
-
-@dataclass
-class FinetuneConfig:
-    """Everything `tdreward ollama-finetune` takes."""
-
-    base_model: str
-    output_model: str
-    dataset: str
-    dataset_config: str | None = None
-    epochs: float = 3.0
-    alpha: float | None = None
-    beta: float | None = None
-    gamma: float | None = None
-    reward_model_path: str | None = None
-    reward_base_model: str | None = None  # the reward model's reference LM for before/after
-    ollama_host: str | None = None
-    output_dir: str | None = None
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    batch_size: int = 4
-    lr: float = 2e-4
-    max_length: int = 256
-    max_steps: int | None = None
-    max_examples: int | None = None
-    outtype: str = "f16"
-    eval_samples: int = 8
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    seed: int = 42
-    verbose: bool = False
-
-    def __post_init__(self) -> None:
-        validate(self, {
-            "epochs": ">0", "gamma": "[0, 1]", "lora_r": ">=1", "lora_alpha": ">=1",
-            "lora_dropout": "[0, 1)", "batch_size": ">=1", "lr": ">0", "max_length": ">=2",
-            "max_steps": ">=1", "max_examples": ">=1", "eval_samples": ">=0",
-            "max_new_tokens": ">=1", "temperature": ">=0"})
-        check_choice("--outtype", self.outtype, ("f32", "f16", "q8_0"))
-        check_output_dir(self.output_dir, "--output_dir")
 
 
 @dataclass
@@ -159,8 +118,7 @@ def _compare(cfg: FinetuneConfig, before: str, after: str, reward_base: str) -> 
     prompts, source = load_prompt_texts(None)
     ccfg = CompareConfig(
         models=[before, after], num_samples=cfg.eval_samples, base_model=reward_base,
-        reward_model_path=cfg.reward_model_path, alpha=cfg.alpha, beta=cfg.beta,
-        gamma=cfg.gamma, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        reward=cfg.reward, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         seed=cfg.seed, no_cache=True, verbose=cfg.verbose, command="ollama-finetune")
     models, _traces, rm = compare_models(ccfg, prompts)
     diff = comparisons(models)[0]["td_reward"]
@@ -224,10 +182,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         output_dir=str(out / "adapter"), max_length=cfg.max_length,
         chat_template=bool(base.gguf and chat_template_of(base.gguf)),
         max_examples=cfg.max_examples, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout, batch_size=cfg.batch_size, num_epochs=cfg.epochs,
-        max_steps=cfg.max_steps, lr=cfg.lr, seed=cfg.seed,
-        reward_model_path=cfg.reward_model_path, alpha=cfg.alpha, beta=cfg.beta,
-        gamma=cfg.gamma, merge=True)
+        lora_dropout=cfg.lora_dropout, batch_size=cfg.batch_size, epochs=cfg.epochs,
+        max_steps=cfg.max_steps, lr=cfg.lr, seed=cfg.seed, reward=cfg.reward, merge=True)
     metrics = run_lora(lcfg)
     merged = Path(metrics["merged_dir"])
 
@@ -275,11 +231,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
 
 def _critic_base(cfg: FinetuneConfig) -> str | None:
-    if not cfg.reward_model_path:
+    if not cfg.reward.reward_model_path:
         return None
     from tdreward.critic_files import read_critic_config
 
-    return read_critic_config(Path(cfg.reward_model_path)).get("base_model")
+    return read_critic_config(Path(cfg.reward.reward_model_path)).get("base_model")
 
 
 __all__ = ["FinetuneConfig", "gguf_from_ollama", "resolve_base", "run_finetune"]

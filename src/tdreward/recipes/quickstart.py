@@ -11,40 +11,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 from tdreward.backends.embedded import DEFAULT_MODEL
 from tdreward.backends.embedded import cache_dir as tdreward_cache
-from tdreward.evaluation.compare import (
-    DEFAULT_MODELS,
-    TRAINING_DATA,
-    CompareConfig,
-    bundled_data,
-    run_compare,
-)
-from tdreward.validation import check_output_dir, validate
+from tdreward.evaluation.compare import TRAINING_DATA, bundled_data, run_compare
+from tdreward.evaluation.compare_config import DEFAULT_MODELS, ExperimentConfig
+from tdreward.recipes.quickstart_config import QuickstartConfig
+from tdreward.reward_settings import RewardSettings
 
 log = logging.getLogger("tdreward")
-
-
-@dataclass
-class QuickstartConfig:
-    output_dir: str = "tdreward_quickstart"
-    num_samples: int = 10
-    max_new_tokens: int = 64
-    critic_dir: str | None = None  # default $TDREWARD_CACHE/critics/quickstart-smollm2
-    retrain: bool = False
-    max_tokens: int = 6000  # corpus tokens the critic learns from
-    epochs: int = 30
-    seed: int = 0
-    cache_dir: str | None = None  # generation cache (default $TDREWARD_CACHE/generations)
-    verbose: bool = False
-
-    def __post_init__(self) -> None:
-        validate(self, {"num_samples": ">=1", "max_new_tokens": ">=1", "max_tokens": ">=2",
-                        "epochs": ">=1"})
-        check_output_dir(self.output_dir, "--output_dir")
 
 
 def default_critic_dir() -> Path:
@@ -89,11 +65,11 @@ def _ensure_critic(cfg: QuickstartConfig, final: Path) -> tuple[Path, bool]:
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
     critic, trained_now = ensure_critic(cfg)
-    results = run_compare(CompareConfig(
+    results = run_compare(ExperimentConfig(
         models=list(DEFAULT_MODELS), num_samples=cfg.num_samples,
         max_new_tokens=cfg.max_new_tokens, output_dir=cfg.output_dir,
-        base_model=DEFAULT_MODEL, reward_model_path=str(critic), seed=cfg.seed,
-        html_report=True, command="experiment", cache_dir=cfg.cache_dir, verbose=cfg.verbose,
+        base_model=DEFAULT_MODEL, reward=RewardSettings(reward_model_path=str(critic)),
+        seed=cfg.seed, cache_dir=cfg.cache_dir, verbose=cfg.verbose,
     ))
     results["quickstart"] = {"critic": str(critic), "critic_trained_now": trained_now}
     return results

@@ -1,17 +1,31 @@
-"""The reward core: pure torch, no I/O (docs/design.md §2)."""
+"""The reward core: pure torch, no I/O (docs/design.md §2).
 
-from tdreward.reward.belief import (
-    STATE_REGISTRY,
-    BeliefStateModel,
-    CSCStateModel,
-    HiddenStateModel,
-    register_state,
-)
-from tdreward.reward.config import RewardConfig
-from tdreward.reward.critic import LMFeatures, TDCritic
-from tdreward.reward.td import discounted_return, lambda_returns, td_errors
-from tdreward.reward.terms import immediate_reward, logprob_and_entropy, retrospective_association
-from tdreward.reward.value import ValueFunction
+The names below are imported on first use (PEP 562): `tdreward.reward.config` (RewardConfig,
+which command-line configs nest) stays light to import, so `tdreward --help` does not pay
+for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "STATE_REGISTRY": "belief", "BeliefStateModel": "belief", "CSCStateModel": "belief",
+    "HiddenStateModel": "belief", "register_state": "belief",
+    "RewardConfig": "config",
+    "LMFeatures": "critic", "TDCritic": "critic",
+    "discounted_return": "td", "lambda_returns": "td", "td_errors": "td",
+    "immediate_reward": "terms", "logprob_and_entropy": "terms",
+    "retrospective_association": "terms",
+    "ValueFunction": "value",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "STATE_REGISTRY", "BeliefStateModel", "CSCStateModel", "HiddenStateModel", "register_state",

@@ -88,9 +88,6 @@ class BeliefStateModel(nn.Module):
     def state_dim(self) -> int:
         return len(self.state_names)
 
-    def transition_matrix(self) -> Tensor:
-        return torch.softmax(self.transition_logits, dim=-1)
-
     def forward(self, obs: Tensor, mask: Tensor) -> Tensor:
         """obs [B, T, D], mask [B, T] -> beliefs [B, T, K] (rows sum to 1, causal)."""
         log_T = torch.log_softmax(self.transition_logits, dim=-1)

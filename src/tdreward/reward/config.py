@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from tdreward.flags import setting
 from tdreward.validation import validate
 
 # Ranges of the settings: each is checked when a config is built (tdreward.validation).
@@ -17,34 +18,49 @@ RULES = {
 
 @dataclass
 class RewardConfig:
+    """The reward's and the critic's hyperparameters; each field is also a `train-critic` flag
+    (tdreward.flags). Saved with every critic (`to_dict`, `from_dict`)."""
+
     # Immediate reward r_t = log p(x_{t+1}) - alpha * c_t + beta * H_t  (docs/design.md §2.1)
-    alpha: float = 0.1  # weight of the retrospective-association penalty c_t
-    beta: float = 0.01  # weight of the exploration bonus (predictive entropy, nats)
-    gamma: float = 0.99  # TD discount
-    tau: float = 32.0  # decay (tokens) of the eligibility traces behind c_t
-    lam: float = 0.5  # mixture weight of the trace distribution in c_t
+    alpha: float = setting(0.1, help="weight of the retrospective-association penalty c_t")
+    beta: float = setting(0.01, help="weight of the exploration bonus (predictive entropy, "
+                          "nats)")
+    gamma: float = setting(0.99, help="TD discount")
+    tau: float = setting(32.0, help="decay (tokens) of the eligibility traces behind c_t")
+    lam: float = setting(0.5, help="mixture weight of the trace distribution in c_t")
     # State representation (docs/design.md §2.2): a name in the belief registry
-    state: str = "belief"
-    n_belief_states: int = 2
-    belief_state_names: list[str] = field(default_factory=lambda: ["wait", "pre_transition"])
-    hazard: float = 0.05  # initial P(wait -> pre_transition) per token
-    csc_bins: int = 16  # bins of the complete-serial-compound clock
-    csc_threshold: float = 6.0  # surprisal (nats) of an observed token that resets the clock
+    state: str = setting("belief", help="state model: belief, csc or hidden")
+    n_belief_states: int = setting(2, help="belief states of the belief state model")
+    belief_state_names: list[str] = setting(
+        default_factory=lambda: ["wait", "pre_transition"],
+        help="names of the belief states (state_0, state_1, ... when their number differs)",
+        default_help="wait pre_transition")
+    hazard: float = setting(0.05, help="initial P(wait -> pre_transition) per token")
+    csc_bins: int = setting(16, help="bins of the complete-serial-compound clock")
+    csc_threshold: float = setting(6.0, help="surprisal (nats) of an observed token that "
+                                   "resets the clock")
     # Critic heads (docs/design.md §2.3)
-    proj_dim: int = 32
-    hidden_dim: int = 64
+    proj_dim: int = setting(32, help="width of the critic's projection of the hidden state")
+    hidden_dim: int = setting(64, help="hidden width of the belief and value networks")
     # Slow context for V: causal moving averages of the observation features (surprisal,
     # association, entropy) over these time scales in tokens. With gamma 0.99 a value is an
     # average over ~100 future tokens: it depends on how predictable the text has been lately,
     # which one token's hidden state does not say.
-    context_timescales: list[float] = field(default_factory=lambda: [10.0, 100.0, 1000.0])
-    value_uses_hidden: bool = True  # V also sees proj(h_t) (not only belief + context)
+    context_timescales: list[float] = setting(
+        default_factory=lambda: [10.0, 100.0, 1000.0], nargs="*",
+        help="time scales (tokens) of the slow context V sees: moving averages of surprisal, "
+        "association and entropy; none for no slow context", default_help="10 100 1000")
+    value_uses_hidden: bool = setting(
+        True, flag="--no_value_uses_hidden",
+        help="V sees only the belief state and the slow context, not proj(h_t) (with a slow "
+        "context; without one V always sees proj(h_t))")
     # TD(lambda) for learning the critic (docs/design.md §2.4)
-    td_lambda: float = 0.9
+    td_lambda: float = setting(0.9, help="lambda of the TD(lambda) targets")
     # Floats per tile (rows x vocabulary slice) when turning hidden states into log-probs and
     # entropies: bounds memory to a few such tiles instead of batch x length x vocab; 2M
     # floats (8 MB) was the fastest of the tile sizes tried on a 2-core CPU.
-    logit_tile_elems: int = 1 << 21
+    logit_tile_elems: int = setting(1 << 21, help="floats per tile when turning hidden states "
+                                    "into log-probs and entropies (bounds memory)")
 
     def __post_init__(self) -> None:
         validate(self, RULES, {"lam": "the reward's lam (trace mixture weight)"})

@@ -20,7 +20,7 @@ from tdreward.reward.belief import (
     observation_features,
 )
 from tdreward.reward.config import RewardConfig
-from tdreward.reward.td import td_errors
+from tdreward.reward.td import lambda_returns, td_errors
 from tdreward.reward.terms import immediate_reward, retrospective_association
 from tdreward.reward.value import ValueFunction
 
@@ -121,3 +121,16 @@ class TDCritic(nn.Module):
             parts = [z, states]
         v = self.value(torch.cat(parts, dim=-1))
         return self.value_offset + self.value_scale * v, states
+
+    def td_lambda_loss(self, values: Tensor, r: Tensor, done: Tensor, mask: Tensor,
+                       gamma: float, lam: float) -> Tensor:
+        """The TD(lambda) loss: mean (G^lambda_t - V(s_t))^2 over the valid rewards, in the
+        critic's normalised units (divided by value_scale), the targets G^lambda from
+        `values` with no gradient (tdreward.reward.td.lambda_returns).
+
+        values [B, T] (from `values`), r [B, T-1], done [B, T], mask [B, T-1] (1 where a
+        reward is valid). What train-critic minimises and PPO's online critic step takes.
+        """
+        G = lambda_returns(r, values, done, mask, gamma, lam)
+        err = (G - values[:, :-1]) / self.value_scale
+        return (err**2 * mask).sum() / mask.sum().clamp(min=1)

@@ -16,13 +16,14 @@ from tdreward.reward.critic import LMFeatures
 from tdreward.reward.terms import logprob_and_entropy
 
 
-def _unwrap(lm: nn.Module) -> nn.Module:
-    # A PEFT model wraps the causal LM; its layers (with adapters) live in the base model.
+def unwrap(lm: nn.Module) -> nn.Module:
+    """The causal LM inside `lm`: a PEFT model wraps it, and its layers (with adapters) live
+    in the base model."""
     return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
 
 
 def context_length(lm: nn.Module) -> int:
-    cfg = _unwrap(lm).config
+    cfg = unwrap(lm).config
     for key in ("max_position_embeddings", "n_positions", "n_ctx"):
         if getattr(cfg, key, None):
             return int(getattr(cfg, key))
@@ -31,14 +32,14 @@ def context_length(lm: nn.Module) -> int:
 
 def forward_hidden(lm: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """Final (normed) hidden states [B, T, D] without computing any logits."""
-    base = _unwrap(lm)
+    base = unwrap(lm)
     decoder = getattr(base, base.base_model_prefix)
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     return out.last_hidden_state
 
 
 def logits_fn(lm: nn.Module):
-    base = _unwrap(lm)
+    base = unwrap(lm)
     return base.get_output_embeddings(), getattr(base.config, "final_logit_softcapping", None)
 
 

@@ -18,15 +18,13 @@ import json
 import logging
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from tdreward.critic_files import check_state_name
-from tdreward.errors import TDRewardError
+from tdreward.errors import TDRewardError, first_line
 from tdreward.io import atomic_path, write_json
 from tdreward.reward.belief import observation_features
 from tdreward.reward.config import RewardConfig
@@ -34,63 +32,9 @@ from tdreward.reward.critic import LMFeatures
 from tdreward.reward.td import lambda_returns, td_errors
 from tdreward.reward.terms import immediate_reward
 from tdreward.reward_model import TDRewardModel
-from tdreward.validation import check_output_dir, validate
-from tdreward.version import __version__
+from tdreward.training.critic_config import CriticTrainingConfig
 
 log = logging.getLogger("tdreward")
-
-
-# Flag ranges, checked when the config is built (tdreward.validation).
-CRITIC_RULES = {
-    "max_tokens": ">=2", "epochs": ">=1", "batch_size": ">=1", "lr": ">0", "weight_decay": ">=0",
-    "gamma": "[0, 1]", "td_lambda": "[0, 1]", "context_timescales": ">0", "window": ">=2",
-    "val_fraction": "(0, 1)", "patience": ">=1", "lm_batch_size": ">=1",
-}
-
-
-@dataclass
-class CriticTrainingConfig:
-    base_model: str = "embedded:smollm2-135m-instruct"
-    dataset: str = ""
-    dataset_config: str | None = None
-    split: str = "train"
-    max_tokens: int | None = None  # stop reading the corpus after this many tokens
-    output_dir: str = "critic"
-    epochs: int = 40
-    batch_size: int = 8  # windows per step
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    alpha: float = 0.1
-    beta: float = 0.01
-    gamma: float = 0.99
-    td_lambda: float = 0.9
-    state: str = "belief"
-    context_timescales: list[float] = dataclasses.field(
-        default_factory=lambda: list(RewardConfig().context_timescales))
-    value_uses_hidden: bool = True
-    seed: int = 0
-    window: int = 256  # tokens per window the LM reads
-    val_fraction: float = 0.1  # share of documents held out
-    patience: int = 6  # epochs without validation improvement before stopping
-    # A corpus document's end is where its text stops, not necessarily where the reader's
-    # episode ends: by default it bootstraps like a cut window and only EOS is terminal.
-    doc_end_terminal: bool = False
-    lm_batch_size: int = 8
-
-    def __post_init__(self) -> None:
-        validate(self, CRITIC_RULES)
-        if not self.dataset:
-            raise TDRewardError("--dataset is required (HF dataset name or local file/folder)")
-        check_state_name(self.state)
-        RewardConfig(alpha=self.alpha, beta=self.beta, gamma=self.gamma,
-                      td_lambda=self.td_lambda, context_timescales=list(self.context_timescales))
-        check_output_dir(self.output_dir, "--output_dir")
-
-    def cache_key(self) -> dict:
-        """The settings the LM-feature cache depends on. The corpus and the reference model
-        count by content, not by name (`feature_cache_key`)."""
-        keys = ("max_tokens", "window")
-        return {k: getattr(self, k) for k in keys} | {"tdreward_version": __version__}
 
 
 # --------------------------------------------------------------------------- data + LM cache
@@ -169,7 +113,7 @@ def _cached_features(data_path: Path, key: str) -> dict[str, torch.Tensor] | Non
             return None
         return load_file(str(data_path))
     except (SafetensorError, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         log.warning("the LM feature cache %s is damaged (%s); recomputing it", data_path, first)
         return None
 
@@ -217,7 +161,7 @@ def build_feature_cache(cfg: CriticTrainingConfig, rm: TDRewardModel, docs: list
     return data
 
 
-def _terminal_states(rm: TDRewardModel, data: dict, doc_end_terminal: bool) -> torch.Tensor:
+def terminal_states(rm: TDRewardModel, data: dict, doc_end_terminal: bool) -> torch.Tensor:
     """done: EOS tokens always; the cached document ends only when asked."""
     done = data["done"] & doc_end_terminal
     if rm.tokenizer.eos_token_id is not None:
@@ -225,12 +169,13 @@ def _terminal_states(rm: TDRewardModel, data: dict, doc_end_terminal: bool) -> t
     return done
 
 
-def _feats(data: dict[str, torch.Tensor], idx: torch.Tensor) -> LMFeatures:
+def window_features(data: dict[str, torch.Tensor], idx: torch.Tensor) -> LMFeatures:
+    """The cached LM features of windows `idx` (hidden states back to float32)."""
     return LMFeatures(data["input_ids"][idx], data["mask"][idx], data["hidden"][idx].float(),
                       data["logp"][idx], data["entropy"][idx], data["done"][idx])
 
 
-def _split(data: dict[str, torch.Tensor], val_fraction: float, seed: int):
+def split_documents(data: dict[str, torch.Tensor], val_fraction: float, seed: int):
     """Hold out whole documents (never windows of a document seen in training)."""
     docs = sorted(set(data["doc"].tolist()))
     random.Random(seed).shuffle(docs)
@@ -248,13 +193,13 @@ def _split(data: dict[str, torch.Tensor], val_fraction: float, seed: int):
 
 # --------------------------------------------------------------------------- TD(lambda)
 def _step_tensors(rm: TDRewardModel, feats: LMFeatures):
+    """(r masked to the valid rewards, V of every state, the reward mask)."""
     critic, cfg = rm.critic, rm.config
     c = critic.association(feats)
     r = immediate_reward(feats.logp, c, feats.entropy[:, :-1], cfg.alpha, cfg.beta)
     values, _ = critic.values(feats, c)
     rmask = feats.reward_mask.to(r.dtype)
-    G = lambda_returns(r, values, feats.done, rmask, cfg.gamma, cfg.td_lambda)
-    return r * rmask, values, G, rmask
+    return r * rmask, values, rmask
 
 
 @torch.no_grad()
@@ -262,8 +207,9 @@ def evaluate(rm: TDRewardModel, data: dict, idx: torch.Tensor, batch_size: int) 
     """Mean squared TD error and explained variance of the lambda-returns on `idx`."""
     sq, n, g_all, err_all = 0.0, 0, [], []
     for a in range(0, len(idx), batch_size):
-        feats = _feats(data, idx[a : a + batch_size])
-        r, values, G, rmask = _step_tensors(rm, feats)
+        feats = window_features(data, idx[a : a + batch_size])
+        r, values, rmask = _step_tensors(rm, feats)
+        G = lambda_returns(r, values, feats.done, rmask, rm.config.gamma, rm.config.td_lambda)
         delta = td_errors(r, values, feats.done, rm.config.gamma) * rmask
         sq += float((delta**2).sum())
         n += int(rmask.sum())
@@ -279,8 +225,8 @@ def _init_value_scale(rm: TDRewardModel, data: dict, idx: torch.Tensor) -> None:
     """V = offset + scale * head: start the offset at the value of an average stream of rewards
     and the scale at the spread of one reward, so the head learns in units near 1."""
     with torch.no_grad():
-        feats = _feats(data, idx[:256])
-        r, _, _, rmask = _step_tensors(rm, feats)
+        feats = window_features(data, idx[:256])
+        r, _, rmask = _step_tensors(rm, feats)
         mean_r = float(r.sum() / rmask.sum())
         if rm.config.context_timescales:
             critic = rm.critic
@@ -295,11 +241,21 @@ def _init_value_scale(rm: TDRewardModel, data: dict, idx: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------- checkpoints
+# The reward settings train-critic had before RewardConfig was nested whole.
+_FORMER_REWARD_SETTINGS = ("alpha", "beta", "gamma", "td_lambda", "state", "context_timescales",
+                           "value_uses_hidden")
+
+
 def _resume_settings(cfg: CriticTrainingConfig) -> dict:
-    """A checkpoint resumes only a run with these settings (epochs may grow)."""
+    """A checkpoint resumes only a run with these settings (epochs may grow). Flat, as they
+    were before the reward settings were nested: the other reward settings count only where
+    they differ from their defaults, so that a checkpoint written then still resumes."""
     d = dataclasses.asdict(cfg)
-    for k in ("epochs", "patience", "output_dir", "lm_batch_size"):
-        d.pop(k)
+    reward, default = d.pop("reward"), RewardConfig().to_dict()
+    d |= {k: v for k, v in reward.items() if k in _FORMER_REWARD_SETTINGS or v != default[k]}
+    # Memory and speed only: the same run either way.
+    for k in ("epochs", "patience", "output_dir", "lm_batch_size", "logit_tile_elems"):
+        d.pop(k, None)
     return d
 
 
@@ -337,7 +293,7 @@ def _checkpoint_meta(path: Path) -> dict | None:
             return json.loads((path / "checkpoint.json").read_text())
         return json.loads(text)
     except (SafetensorError, OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         log.warning("the checkpoint in %s is damaged (%s): starting over", path, first)
         return None
 
@@ -364,10 +320,7 @@ def train_critic(cfg: CriticTrainingConfig, rm: TDRewardModel | None = None,
 
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    reward_cfg = RewardConfig(alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma,
-                              td_lambda=cfg.td_lambda, state=cfg.state,
-                              context_timescales=list(cfg.context_timescales),
-                              value_uses_hidden=cfg.value_uses_hidden)
+    reward_cfg = cfg.reward
     if docs is None:  # read (and check) the corpus before the model loads
         docs = load_corpus(cfg.dataset, cfg.dataset_config, split=cfg.split)
     if rm is None:
@@ -376,11 +329,11 @@ def train_critic(cfg: CriticTrainingConfig, rm: TDRewardModel | None = None,
         rm = TDRewardModel.from_lm(rm.lm, rm.tokenizer, cfg.base_model, reward_cfg)
     features_key = feature_cache_key(cfg, rm, docs)
     data = build_feature_cache(cfg, rm, docs, out / "cache", features_key)
-    data["done"] = _terminal_states(rm, data, cfg.doc_end_terminal)
+    data["done"] = terminal_states(rm, data, cfg.doc_end_terminal)
     counts = torch.bincount(data["input_ids"][data["mask"].bool()],
                             minlength=rm.critic.vocab_size)[: rm.critic.vocab_size]
     rm.critic.set_base_rate(counts)
-    train_idx, val_idx = _split(data, cfg.val_fraction, cfg.seed)
+    train_idx, val_idx = split_documents(data, cfg.val_fraction, cfg.seed)
     _init_value_scale(rm, data, train_idx)
     untrained = evaluate(_untrained_copy(rm), data, val_idx if len(val_idx) else train_idx,
                          cfg.batch_size)
@@ -411,10 +364,10 @@ def train_critic(cfg: CriticTrainingConfig, rm: TDRewardModel | None = None,
                    disable=not progress, leave=False)
         loss_sum, n_batches = 0.0, 0
         for a in bar:
-            feats = _feats(data, order[a : a + cfg.batch_size])
-            r, values, G, rmask = _step_tensors(rm, feats)
-            err = (G - values[:, :-1]) / rm.critic.value_scale
-            loss = (err**2 * rmask).sum() / rmask.sum()
+            feats = window_features(data, order[a : a + cfg.batch_size])
+            r, values, rmask = _step_tensors(rm, feats)
+            loss = rm.critic.td_lambda_loss(values, r, feats.done, rmask, rm.config.gamma,
+                                            rm.config.td_lambda)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(rm.critic.parameters(), 1.0)
@@ -491,4 +444,5 @@ def plot_learning_curve(path: Path, history: list[dict], untrained: dict) -> Non
     plt.close(fig)
 
 
-__all__ = ["CriticTrainingConfig", "train_critic", "evaluate", "build_feature_cache"]
+__all__ = ["CriticTrainingConfig", "build_feature_cache", "evaluate", "split_documents",
+           "terminal_states", "train_critic", "window_features"]

@@ -23,19 +23,16 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from tdreward.data.corpus import chunk_documents, load_corpus
 from tdreward.data.prompts import PromptExample, load_prompts
+from tdreward.data.prompts import format_prompt as format_turn
 from tdreward.errors import TDRewardError
-from tdreward.reward.config import RewardConfig
-from tdreward.reward_model import TDRewardModel
+from tdreward.reward_model import TDRewardModel, load_reward_model
 from tdreward.specs import parse_spec
-
-if TYPE_CHECKING:
-    from tdreward.training.lora_trainer import LoraTrainingConfig
+from tdreward.training.lora_config import LoraTrainingConfig
 
 log = logging.getLogger("tdreward")
 IGNORE = -100  # label of a position without loss (the transformers convention)
@@ -67,11 +64,11 @@ def is_pair_file(dataset: str) -> bool:
 def format_prompt(tokenizer, prompt: str, chat_template: bool) -> str:
     """The prompt as the model reads it: raw text ending in a newline, or the chat template's
     user turn followed by the assistant header."""
+    # LoRA's policy, kept: --chat_template is mode "chat" (an error without a template), its
+    # absence "raw" (not "auto"), and a raw prompt ends in a newline so the completion starts
+    # a line of its own. encode_pair tokenises either with special tokens.
     if chat_template:
-        if not getattr(tokenizer, "chat_template", None):
-            raise TDRewardError("--chat_template: this tokenizer has no chat template")
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        return format_turn(tokenizer, prompt, "chat", fix="train without --chat_template")
     return prompt if prompt[-1:].isspace() else prompt + "\n"
 
 
@@ -219,7 +216,8 @@ def _quantization_config(cfg: LoraTrainingConfig, device: str):
 
 def load_base_model(cfg: LoraTrainingConfig):
     """(model, tokenizer): fp32, or 8/4-bit through bitsandbytes, ready for LoRA."""
-    from tdreward.backends.hf import _set_pad, import_peft, load_model, quiet_loading
+    from tdreward.backends.adapters import import_peft
+    from tdreward.backends.hf import load_model, quiet_loading, set_pad
 
     if not (cfg.use_4bit or cfg.use_8bit):
         model, tok = load_model(cfg.base_model)
@@ -253,7 +251,7 @@ def load_base_model(cfg: LoraTrainingConfig):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise TDRewardError(f"{bits}-bit quantisation cannot run here ({first}); "
                             "train without --use_4bit/--use_8bit") from e
-    _set_pad(tok, model)
+    set_pad(tok, model)
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -301,21 +299,10 @@ def resolve_target_modules(model, requested: list[str] | None) -> list[str]:
 
 # --------------------------------------------------------------------------- reward + trainer
 def build_reward_model(cfg: LoraTrainingConfig, lm, tokenizer) -> TDRewardModel:
-    """The TD reward model around the model being trained (the critic loaded once)."""
-    from tdreward.evaluation.score import UNTRAINED_WARNING
-
-    overrides = {k: getattr(cfg, k) for k in ("alpha", "beta", "gamma")
-                 if getattr(cfg, k) is not None}
-    if cfg.reward_model_path:
-        rm = TDRewardModel.from_pretrained(cfg.reward_model_path, base_model=cfg.base_model,
-                                           lm=lm, tokenizer=tokenizer)
-        if overrides:
-            rm.critic.config = RewardConfig.from_dict(rm.config.to_dict() | overrides)
-    else:
-        if cfg.reward_scale > 0:
-            log.warning(UNTRAINED_WARNING)
-        rm = TDRewardModel.from_lm(lm, tokenizer, cfg.base_model, RewardConfig(**overrides))
-    return rm
+    """The TD reward model around the model being trained (the critic loaded once); untrained
+    heads are warned about only when the reward weighs in (reward_scale > 0)."""
+    return load_reward_model(cfg.base_model, cfg.reward, lm=lm, tokenizer=tokenizer,
+                             warn_untrained=cfg.reward_scale > 0)
 
 
 def training_args(cfg: LoraTrainingConfig, trainer_dir: str):
@@ -324,7 +311,7 @@ def training_args(cfg: LoraTrainingConfig, trainer_dir: str):
     return TrainingArguments(
         output_dir=trainer_dir, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps or -1, learning_rate=cfg.lr,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1, learning_rate=cfg.lr,
         weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps,
         lr_scheduler_type=cfg.lr_scheduler, max_grad_norm=cfg.max_grad_norm,
         gradient_checkpointing=cfg.gradient_checkpointing,

@@ -1,6 +1,7 @@
 """`tdreward lora`: LoRA / QLoRA fine-tuning with a TD-weighted causal-LM loss (docs/design.md §2.5).
 
-Every hyperparameter in one dataclass; data and model set-up live in `lora_setup.py`. The loss of `TDRewardTrainer` is
+Every hyperparameter in one dataclass (`lora_config.py`); data and model set-up live in
+`lora_setup.py`. The loss of `TDRewardTrainer` is
 
     L = (1 - reward_scale) * L_SFT + reward_scale * sum_t m_t w_t CE_t / N
     w_t = min(exp(A_t / temperature), w_max)                (advantage-weighted regression)
@@ -30,7 +31,6 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,6 +41,7 @@ from tdreward.cache_files import make_temp_dir, owner_tag, sweep_stale, temp_pat
 from tdreward.errors import TDRewardError
 from tdreward.io import write_json
 from tdreward.reward_model import TDRewardModel
+from tdreward.training.lora_config import BASELINES, WEIGHTINGS, LoraTrainingConfig
 from tdreward.training.lora_setup import (
     IGNORE,
     ListDataset,
@@ -55,7 +56,6 @@ from tdreward.training.lora_setup import (
     resolve_target_modules,
     training_args,
 )
-from tdreward.validation import check_output_dir, validate
 
 __all__ = [
     "LoraTrainingConfig", "TDRewardTrainer", "td_weights", "run_lora", "merge_adapter",
@@ -65,82 +65,6 @@ __all__ = [
 
 log = logging.getLogger("tdreward")
 META_NAME = "tdreward_lora.json"  # written last: its presence marks a complete adapter dir
-WEIGHTINGS = ("token", "sequence")
-BASELINES = ("batch", "none")
-
-
-# Flag ranges, checked when the config is built (tdreward.validation).
-LORA_RULES = {
-    "max_length": ">=2", "max_examples": ">=1", "lora_r": ">=1", "lora_alpha": ">=1",
-    "lora_dropout": "[0, 1)", "batch_size": ">=1", "gradient_accumulation_steps": ">=1",
-    "num_epochs": ">0", "max_steps": ">=1", "lr": ">0", "weight_decay": ">=0",
-    "warmup_steps": ">=0", "max_grad_norm": ">0", "gamma": "[0, 1]", "temperature": ">0",
-    "w_max": ">0", "reward_scale": "[0, 1]", "eval_examples": ">=0", "logging_steps": ">=1",
-}
-
-
-@dataclass
-class LoraTrainingConfig:
-    base_model: str = "embedded:smollm2-135m-instruct"
-    dataset: str = ""  # HF dataset name, local text file/folder, or a prompt/completion .jsonl
-    dataset_config: str | None = None
-    split: str = "train"
-    output_dir: str = "./lora_output"
-    max_length: int = 256  # tokens per example (text is cut into windows of this length)
-    chat_template: bool = False  # wrap prompts in the tokenizer's chat template
-    max_examples: int | None = None
-    # LoRA
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    target_modules: list[str] | None = None  # None: chosen per architecture
-    # Quantisation of the frozen base (bitsandbytes): at most one of the two
-    use_8bit: bool = False
-    use_4bit: bool = False
-    # Optimisation
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    num_epochs: float = 3.0
-    max_steps: int | None = None  # stops earlier than num_epochs when set
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    lr_scheduler: str = "linear"
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = True
-    seed: int = 42
-    # TD reward
-    reward_model_path: str | None = None  # trained critic; None = untrained heads (warned)
-    alpha: float | None = None  # None: the critic's own values (0.1, 0.01, 0.99 by default)
-    beta: float | None = None
-    gamma: float | None = None
-    weighting: str = "token"  # "token": w_t per token; "sequence": one w per example
-    temperature: float = 1.0  # of exp(delta / temperature)
-    w_max: float = 5.0  # weights are clipped at this value
-    baseline: str = "batch"  # "batch": A = delta - its batch mean; "none": A = delta
-    reward_scale: float = 1.0  # 0 = plain SFT, 1 = fully TD-weighted, between: a blend
-    cache_deltas: bool = True  # the reference is frozen: its deltas per example never change
-    # Outputs
-    merge: bool = False  # also write a merged model to OUTPUT_DIR/merged
-    eval_examples: int = 64  # training examples scored before/after training (0: skip)
-    logging_steps: int = 1
-    device: str | None = None  # None: cuda when available, else cpu
-    progress: bool = True  # progress bars for training and the loss probes
-
-    def __post_init__(self) -> None:
-        if not self.dataset:
-            raise TDRewardError("--dataset is required (HF dataset, text file/folder or .jsonl)")
-        if self.use_8bit and self.use_4bit:
-            raise TDRewardError("choose one of --use_8bit and --use_4bit")
-        if self.weighting not in WEIGHTINGS:
-            raise TDRewardError(f"--weighting must be one of {', '.join(WEIGHTINGS)}")
-        if self.baseline not in BASELINES:
-            raise TDRewardError(f"--baseline must be one of {', '.join(BASELINES)}")
-        validate(self, LORA_RULES)
-        if self.reward_model_path:  # before the base model loads
-            from tdreward.critic_files import check_critic_fits
-
-            check_critic_fits(self.reward_model_path, self.base_model, "--base_model")
 
 
 # --------------------------------------------------------------------------- the loss
@@ -332,15 +256,14 @@ def _save_adapter(model, tokenizer, out: Path) -> None:
 def run_lora(cfg: LoraTrainingConfig) -> dict:
     """Train a LoRA adapter with the TD-weighted loss; returns the metrics it writes to
     OUTPUT_DIR/tdreward_lora.json (plus `merged_dir` when cfg.merge)."""
-    from tdreward.backends.hf import import_peft
+    from tdreward.backends.adapters import import_peft
 
     # First: bitsandbytes' 4-bit kernel notice only when 4-bit is used.
     import_peft(quiet_bitsandbytes=not cfg.use_4bit)
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
-    out = Path(cfg.output_dir).expanduser()
-    check_output_dir(out, "--output_dir")
+    out = Path(cfg.output_dir).expanduser()  # checked to be writable when cfg was built
     set_seed(cfg.seed)
     model, tok = load_base_model(cfg)
     data = load_training_data(tok, cfg.dataset, cfg.dataset_config, cfg.split, cfg.max_length,
@@ -386,7 +309,7 @@ def run_lora(cfg: LoraTrainingConfig) -> dict:
                          "quantized_layers": n_quantized},
         "data": {"kind": data.kind, "documents": data.n_documents,
                  "examples": len(data.examples), "target_tokens": data.n_target_tokens},
-        "reward_model": {"path": cfg.reward_model_path, "trained": rm.trained,
+        "reward_model": {"path": cfg.reward.reward_model_path, "trained": rm.trained,
                          "reward_config": rm.config.to_dict()},
         "global_steps": trainer.state.global_step,
         "train_wall_s": round(wall, 2),
@@ -407,7 +330,7 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike 
     """Merge a LoRA adapter into its (unquantised, fp32) base and save a transformers model
     directory (safetensors + tokenizer) at `output_dir` (default ADAPTER_DIR/merged).
     `base_model` is a model spec; by default the one the adapter was trained on."""
-    from tdreward.backends.hf import import_peft
+    from tdreward.backends.adapters import import_peft
 
     import_peft()  # first: keeps bitsandbytes' 4-bit kernel notice out of the output
     from peft import PeftModel

@@ -22,16 +22,13 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from tdreward.errors import TDRewardError
 from tdreward.io import atomic_path, write_json, write_text
-
-if TYPE_CHECKING:
-    from tdreward.training.ppo_trainer import PPOConfig
+from tdreward.training.ppo_config import PPOConfig, upgrade_config_dict
 
 PREFIX = "step_"
 
@@ -180,8 +177,11 @@ def resolve_checkpoint(spec: str, root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, accelerator, model, optimizer, reward) -> dict:
-    """Restore weights, optimisers, critic and this process's RNG; returns state.json."""
+    """Restore weights, optimisers, critic and this process's RNG; returns state.json (its
+    `config` in today's shape, also when an older version wrote it)."""
     state = json.loads((path / "state.json").read_text())
+    if isinstance(state.get("config"), dict):
+        state["config"] = upgrade_config_dict(state["config"])
     if state.get("num_processes") != accelerator.num_processes:
         raise TDRewardError(
             f"checkpoint {path} was written by {state.get('num_processes')} process(es), this "
@@ -207,13 +207,19 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, reward) -> dict:
 
 
 # --------------------------------------------------------------------------- outputs
-def config_dict(cfg) -> dict:
+def config_dict(cfg: PPOConfig) -> dict:
+    """The settings as saved (ppo_config.json, state.json, ppo_training.json); read one back
+    with `PPOConfig.from_dict`."""
     return dataclasses.asdict(cfg)
 
 
-def flat_config(cfg) -> dict:
-    return {k: (v if isinstance(v, int | float | str | bool) else str(v))
-            for k, v in config_dict(cfg).items()}
+def flat_config(cfg: PPOConfig) -> dict:
+    """One level of plain values for trackers: nested settings (the reward's) are lifted up
+    under their own names, which are their flags' names."""
+    flat: dict = {}
+    for k, v in config_dict(cfg).items():
+        flat |= v if isinstance(v, dict) and k != "extra" else {k: v}
+    return {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in flat.items()}
 
 
 def finite_stats(stats: dict, drop_none: bool = False) -> dict:

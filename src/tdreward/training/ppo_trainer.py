@@ -6,7 +6,7 @@ One step:
  2. reward    per response token: the critic's delta_t (potential-based shaping of r_t) minus
               kl_coef * KL(policy || reference) (k1 or k3 estimate); the critic then takes a
               TD(lambda) step on the batch, so it keeps learning online;
- 3. GAE       advantages with (gamma, lam) from the policy's value head, whitened over all
+ 3. GAE       advantages with (gamma, gae_lambda) from the policy's value head, whitened over all
               processes' tokens;
  4. update    ppo_epochs passes of minibatches: clipped policy loss, clipped value loss, entropy
               bonus, gradient clipping. A non-finite loss skips its minibatch; too many in a row
@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ from tdreward.errors import TDRewardError
 from tdreward.io import write_json
 from tdreward.training import ppo_checkpoint as ckpt
 from tdreward.training.ppo_checkpoint import config_dict, finite_stats, flat_config
+from tdreward.training.ppo_config import PPOConfig
 from tdreward.training.rollout import (
     Rollout,
     TDShapedReward,
@@ -53,111 +54,11 @@ from tdreward.training.rollout import (
     token_logprobs,
     whiten,
 )
-from tdreward.validation import check_choice, validate
 
 log = logging.getLogger("tdreward")
 
 RewardFn = Callable[[Rollout], Tensor]  # rollout -> per-token rewards [B, L]
 TIMING_KEYS = ("tokens_per_s", "step_time_s", "elapsed_s")
-
-
-# Flag ranges, checked when the config is built (tdreward.validation).
-PPO_RULES = {
-    "prompt_tokens": ">=1", "max_prompts": ">=1", "gamma": "[0, 1]", "epochs": ">=1",
-    "steps_per_epoch": ">=1", "batch_size": ">=1", "mini_batch_size": ">=1", "ppo_epochs": ">=1",
-    "max_new_tokens": ">=1", "temperature": ">0", "max_length": ">=1", "lr": ">0",
-    "kl_coef": ">=0", "cliprange": ">0", "cliprange_value": ">0", "vf_coef": ">=0",
-    "ent_coef": ">=0", "value_norm_momentum": "[0, 1)", "lam": "[0, 1]", "max_grad_norm": ">0",
-    "critic_lr": ">0", "lora_r": ">=1", "lora_alpha": ">=1", "lora_dropout": "[0, 1)",
-    "save_steps": ">=0", "save_total_limit": ">=1", "max_nan_streak": ">=1",
-}
-
-
-@dataclass
-class PPOConfig:
-    # --- models and data
-    base_model: str = "embedded:smollm2-135m-instruct"
-    reward_model_path: str | None = None  # trained critic; None = untrained heads (warned)
-    prompts: str | None = None  # .jsonl/.txt prompt file ...
-    dataset: str | None = None  # ... or a corpus whose windows become prompts
-    dataset_config: str | None = None
-    split: str = "train"
-    text_field: str = "text"
-    prompt_tokens: int = 64  # corpus windows: tokens per prompt
-    max_prompts: int = 10_000  # corpus windows: stop after this many
-    chat_template: bool = True  # wrap prompt-file prompts in the tokenizer's chat template
-    output_dir: str = "output"
-    # --- reward (None keeps the critic's own value)
-    alpha: float | None = None
-    beta: float | None = None
-    gamma: float | None = None  # also the GAE discount, so the shaping telescopes exactly
-    # --- schedule
-    epochs: int = 1
-    steps_per_epoch: int | None = None  # None: one pass over the prompts
-    batch_size: int = 4  # prompts per step per process
-    mini_batch_size: int = 2
-    ppo_epochs: int = 4
-    # --- generation
-    max_new_tokens: int = 48
-    temperature: float = 1.0
-    max_length: int = 512  # longest prompt in tokens; longer ones lose their start
-    # --- PPO
-    lr: float | None = None  # None: 1e-4 with LoRA, 1e-5 for full fine-tuning
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"  # k1 or k3
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    # Entropy bonus. 0 by default, as in TRL: over a 50k-token vocabulary it soon pays for noise,
-    # and the TD reward already carries an exploration term (beta * H).
-    ent_coef: float = 0.0
-    normalize_values: bool = True  # PopArt-style value normalisation (see PolicyWithValue)
-    value_norm_momentum: float = 0.9
-    lam: float = 0.95
-    max_grad_norm: float = 1.0
-    whiten_advantages: bool = True
-    # --- online critic
-    critic_lr: float = 1e-4
-    critic_updates: bool = True
-    # Whether an EOS token ends the critic's episode (V = 0 after it). Off by default: a critic
-    # trained on running text values every state at about mean(r) / (1 - gamma) (some -350 nats
-    # for SmolLM2 on WikiText), so a terminal EOS would earn delta = r - V(s) of about +350 and
-    # PPO would learn to stop at once. Off, the response's end bootstraps from V like a cut
-    # window, and length is judged by the tokens, not by escaping the future.
-    eos_terminal: bool = False
-    # --- LoRA
-    use_lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0  # dropout makes the PPO ratio noisy, so none by default
-    target_modules: list[str] | None = None  # None: PEFT's default for the architecture
-    merge: bool = False  # save model_epoch_N merged instead of as an adapter
-    # --- run
-    seed: int = 0
-    save_steps: int = 0  # also checkpoint every N steps (0: at epoch ends only)
-    save_total_limit: int = 2
-    resume_from_checkpoint: str | None = None  # a checkpoint dir, or `latest`
-    report_to: str | None = None  # tensorboard or wandb (accelerate trackers)
-    max_nan_streak: int = 5
-    progress: bool = True
-    extra: dict = field(default_factory=dict)  # free-form notes stored with the config
-
-    def __post_init__(self) -> None:
-        validate(self, PPO_RULES, {"critic_updates": "--freeze_critic"})
-        if self.mini_batch_size > self.batch_size:
-            raise TDRewardError("--mini_batch_size must not exceed --batch_size")
-        check_choice("--kl_estimator", self.kl_estimator, ("k1", "k3"))
-        check_choice("--report_to", self.report_to, (None, "tensorboard", "wandb"))
-        if self.reward_model_path:  # before the policy loads
-            from tdreward.critic_files import check_critic_fits
-
-            check_critic_fits(self.reward_model_path, self.base_model, "--base_model")
-        if not self.prompts and not self.dataset:
-            raise TDRewardError("no prompts: pass --prompts FILE or --dataset NAME_OR_PATH")
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (1e-4 if self.use_lora else 1e-5)
 
 
 # --------------------------------------------------------------------------- model
@@ -212,7 +113,7 @@ class PolicyWithValue(nn.Module):
 def build_policy(cfg: PPOConfig, lm, hidden_size: int):
     """-> (PolicyWithValue, reference LM, context that makes the reference LM the base)."""
     if cfg.use_lora:
-        from tdreward.backends.hf import import_peft
+        from tdreward.backends.adapters import import_peft
 
         import_peft()  # first: keeps bitsandbytes' 4-bit kernel notice out of the output
         from peft import LoraConfig, get_peft_model
@@ -268,23 +169,28 @@ class PPOResult:
     output_dir: Path
 
 
+@dataclass
+class PPORun:
+    """What every PPO step of a run shares, built once by `train_ppo`."""
+
+    accelerator: object
+    model: nn.Module  # the policy as prepared by accelerate (DDP-wrapped under several processes)
+    unwrapped: PolicyWithValue
+    optimizer: torch.optim.Optimizer
+    ref_lm: nn.Module
+    ref_context: Callable  # makes ref_lm the reference (the LoRA adapter disabled)
+    tokenizer: object
+    reward: RewardFn  # a TDShapedReward, or the caller's reward_fn
+    gamma: float  # the GAE discount: the critic's, so the TD shaping telescopes
+    guard: NaNGuard
+
+
 def _reward_model(cfg: PPOConfig, ref_lm, tokenizer, ref_context, accelerator):
-    from tdreward.evaluation.score import UNTRAINED_WARNING
-    from tdreward.reward.config import RewardConfig
-    from tdreward.reward_model import TDRewardModel
+    from tdreward.reward_model import load_reward_model
 
     lm = ref_lm.get_base_model() if hasattr(ref_lm, "get_base_model") else ref_lm
-    overrides = {k: getattr(cfg, k) for k in ("alpha", "beta", "gamma")
-                 if getattr(cfg, k) is not None}
-    if cfg.reward_model_path:
-        rm = TDRewardModel.from_pretrained(cfg.reward_model_path, base_model=cfg.base_model,
-                                           lm=lm, tokenizer=tokenizer)
-        if overrides:
-            rm.critic.config = RewardConfig.from_dict(rm.config.to_dict() | overrides)
-    else:
-        if accelerator.is_main_process:
-            log.warning(UNTRAINED_WARNING)
-        rm = TDRewardModel.from_lm(lm, tokenizer, cfg.base_model, RewardConfig(**overrides))
+    rm = load_reward_model(cfg.base_model, cfg.reward, lm=lm, tokenizer=tokenizer,
+                           warn_untrained=accelerator.is_main_process)
     rm.critic.to(accelerator.device)
 
     def reduce_grads(params, loss):
@@ -338,7 +244,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, lm=None,
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     reward = reward_fn or _reward_model(cfg, ref_lm, tokenizer, ref_context, accelerator)
-    gamma = cfg.gamma if cfg.gamma is not None else (
+    gamma = cfg.reward.gamma if cfg.reward.gamma is not None else (
         reward.rm.config.gamma if hasattr(reward, "rm") else 0.99)
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -348,6 +254,8 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, lm=None,
     set_seed(cfg.seed + rank)  # different samples on every process from here on
 
     step, guard = 0, NaNGuard(cfg.max_nan_streak)
+    run = PPORun(accelerator, model, unwrapped, optimizer, ref_lm, ref_context, tokenizer,
+                 reward, gamma, guard)
     ckpt_root = out / "checkpoints"
     metrics_path = out / "metrics.jsonl"
     history: list[dict] = []
@@ -388,8 +296,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, lm=None,
         start = in_epoch * global_batch + rank * cfg.batch_size
         batch = [rows[i] for i in order[start : start + cfg.batch_size]]
         t0 = time.perf_counter()
-        stats = ppo_step(cfg, accelerator, model, unwrapped, optimizer, ref_lm, ref_context,
-                         tokenizer, reward, batch, gamma, guard, step + 1)
+        stats = ppo_step(cfg, run, batch, step + 1)
         step += 1
         dt = time.perf_counter() - t0
         stats = {"step": step, "epoch": epoch} | stats | {
@@ -421,10 +328,12 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, lm=None,
     return PPOResult(unwrapped, ref_lm, ref_context, tokenizer, reward, history, out)
 
 
-def ppo_step(cfg: PPOConfig, accelerator, model, unwrapped: PolicyWithValue, optimizer, ref_lm,
-             ref_context, tokenizer, reward, batch: list[list[int]], gamma: float,
-             guard: NaNGuard, step: int) -> dict:
+def ppo_step(cfg: PPOConfig, run: PPORun, batch: list[list[int]], step: int) -> dict:
     """One rollout and its PPO update; returns this step's statistics (averaged over processes)."""
+    accelerator, model, unwrapped, optimizer = (run.accelerator, run.model, run.unwrapped,
+                                                run.optimizer)
+    ref_lm, ref_context, tokenizer, reward = run.ref_lm, run.ref_context, run.tokenizer, run.reward
+    gamma, guard = run.gamma, run.guard
     dev = accelerator.device
     # 1. rollout
     ro = generate(unwrapped.policy, tokenizer, batch, cfg.max_new_tokens, cfg.temperature, dev)
@@ -444,7 +353,7 @@ def ppo_step(cfg: PPOConfig, accelerator, model, unwrapped: PolicyWithValue, opt
     rewards = score - cfg.kl_coef * kl
     # 3. advantages; the value normalisation follows the returns (all processes' tokens)
     values = values * m
-    adv, returns = gae(rewards, values, m, gamma, cfg.lam)
+    adv, returns = gae(rewards, values, m, gamma, cfg.gae_lambda)
     if cfg.normalize_values:
         rs = accelerator.reduce(torch.stack([(returns * m).sum(), (returns**2 * m).sum(),
                                             m.sum()]), "sum")
@@ -455,7 +364,7 @@ def ppo_step(cfg: PPOConfig, accelerator, model, unwrapped: PolicyWithValue, opt
             # First batch: V jumped to the new normalisation; map the rollout's values with it.
             values = (float(unwrapped.value_mean) + float(unwrapped.value_std)
                       * (values - old_mean) / old_std) * m
-            adv, returns = gae(rewards, values, m, gamma, cfg.lam)
+            adv, returns = gae(rewards, values, m, gamma, cfg.gae_lambda)
     if cfg.whiten_advantages:
         adv = whiten(adv, m, lambda t: accelerator.reduce(t, "sum"))
     # 4. PPO epochs over minibatches
@@ -526,4 +435,5 @@ def ppo_step(cfg: PPOConfig, accelerator, model, unwrapped: PolicyWithValue, opt
     return stats
 
 
-__all__ = ["PPOConfig", "PPOResult", "PolicyWithValue", "train_ppo", "gae", "whiten"]
+__all__ = ["PPOConfig", "PPOResult", "PPORun", "PolicyWithValue", "train_ppo", "ppo_step", "gae",
+           "whiten"]

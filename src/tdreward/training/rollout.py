@@ -1,5 +1,5 @@
 """Rollouts for PPO (docs/design.md §2.5): prompts -> batched generation -> per-token log-probs, KL and
-TD-shaped rewards; plus the held-out evaluation (TD reward, KL to the reference, repetition).
+TD-shaped rewards.
 
 Shapes: B rows, Tq prompt tokens (left-padded, so every response starts at column Tq),
 L response tokens (right-padded after the first EOS), V vocabulary.
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tdreward.data.prompts import format_prompt
 from tdreward.errors import TDRewardError
-from tdreward.reward.lm import _unwrap, logits_fn
-from tdreward.reward.td import lambda_returns
+from tdreward.reward.lm import logits_fn, unwrap
 from tdreward.reward.terms import immediate_reward
 
 log = logging.getLogger("tdreward")
@@ -29,15 +29,10 @@ ContextFactory = Callable[[], contextlib.AbstractContextManager]
 # --------------------------------------------------------------------------- prompts
 def encode_prompts(texts: Sequence[str], tokenizer, chat_template: bool = True) -> list[list[int]]:
     """Token ids of each prompt; an instruct model's chat template wraps it as a user turn."""
-    use_chat = chat_template and getattr(tokenizer, "chat_template", None)
-    rows = []
-    for text in texts:
-        if use_chat:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                 add_generation_prompt=True, tokenize=False)
-            rows.append(tokenizer(text, add_special_tokens=False)["input_ids"])
-        else:
-            rows.append(tokenizer(text, add_special_tokens=True)["input_ids"])
+    # PPO's default is "auto", not "chat": a base model without a template trains on raw
+    # prompts rather than failing (--no_chat_template: always raw).
+    mode = "auto" if chat_template else "raw"
+    rows = [format_prompt(tokenizer, text, mode, tokenize=True) for text in texts]
     return [r for r in rows if r]
 
 
@@ -127,7 +122,7 @@ class Rollout:
 
 def eos_ids(lm, tokenizer) -> list[int]:
     ids = {tokenizer.eos_token_id}
-    gen = getattr(_unwrap(lm), "generation_config", None)
+    gen = getattr(unwrap(lm), "generation_config", None)
     extra = getattr(gen, "eos_token_id", None)
     ids |= set(extra) if isinstance(extra, list) else {extra}
     return sorted(i for i in ids if i is not None)
@@ -172,7 +167,7 @@ def response_forward(lm, input_ids: Tensor, attention_mask: Tensor, n_response: 
     predict the response tokens. Position ids follow the attention mask, as in generation, so a
     left-padded prompt gives the same numbers as an unpadded one. Logits are built for the
     response positions only: the prompt's B x Tq x V never exists."""
-    base = _unwrap(lm)
+    base = unwrap(lm)
     decoder = getattr(base, base.base_model_prefix)
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     h = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
@@ -283,9 +278,8 @@ class TDShapedReward:
         r = immediate_reward(feats.logp, c, feats.entropy[:, :-1], cfg.alpha, cfg.beta)
         values, _ = critic.values(feats, c)
         rmask = feats.reward_mask.to(r.dtype)
-        G = lambda_returns(r * rmask, values, feats.done, rmask, cfg.gamma, cfg.td_lambda)
-        err = (G - values[:, :-1]) / critic.value_scale
-        loss = (err**2 * rmask).sum() / rmask.sum().clamp(min=1)
+        loss = critic.td_lambda_loss(values, r * rmask, feats.done, rmask, cfg.gamma,
+                                     cfg.td_lambda)
         self.optimizer.zero_grad()
         loss.backward()
         params = [p for p in critic.parameters() if p.grad is not None]
@@ -344,48 +338,3 @@ def repetition_rate(tokens: Sequence[int], n: int = 3) -> float:
     """Share of the n-grams of a text that repeat an earlier n-gram of the same text."""
     grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
-
-
-@torch.no_grad()
-def evaluate_policy(policy_lm, ref_lm, tokenizer, reward: TDShapedReward,
-                    rows: list[list[int]], batch_size: int = 8, max_new_tokens: int = 48,
-                    temperature: float = 1.0, seed: int = 0, samples_per_prompt: int = 1,
-                    policy_context: ContextFactory = contextlib.nullcontext,
-                    ref_context: ContextFactory = contextlib.nullcontext) -> dict:
-    """Generate from the policy on held-out prompts and measure: mean TD reward (delta) and mean
-    r of the response tokens, KL(policy || reference) (k1 summed per response and per token),
-    repetition rate (share of repeated 3-grams) and length. Sampling is seeded, so two policies
-    are compared on the same random numbers."""
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    per_text: list[dict] = []
-    todo = [r for r in rows for _ in range(samples_per_prompt)]
-    try:
-        for a in range(0, len(todo), batch_size):
-            batch = todo[a : a + batch_size]
-            with policy_context():
-                ro = generate(policy_lm, tokenizer, batch, max_new_tokens, temperature)
-                logits, _ = response_forward(policy_lm, ro.input_ids, ro.attention_mask,
-                                             ro.response.shape[1], temperature)
-                logp = token_logprobs(logits, ro.response)
-            with ref_context():
-                ref_logits, _ = response_forward(ref_lm, ro.input_ids, ro.attention_mask,
-                                                 ro.response.shape[1], temperature)
-                ref_logp = token_logprobs(ref_logits, ro.response)
-            delta, r, _ = reward.score(ro)
-            m = ro.response_mask.float()
-            kl = (logp - ref_logp) * m
-            for i, toks in enumerate(ro.responses()):
-                n = float(m[i].sum())
-                per_text.append({
-                    "td_reward": float(delta[i].sum() / n), "mean_r": float(r[i].sum() / n),
-                    "kl": float(kl[i].sum()), "kl_per_token": float(kl[i].sum() / n),
-                    "repetition_rate": repetition_rate(toks), "length": n,
-                    "text": tokenizer.decode(toks, skip_special_tokens=True),
-                })
-    finally:
-        torch.random.set_rng_state(gen_state)
-    keys = ("td_reward", "mean_r", "kl", "kl_per_token", "repetition_rate", "length")
-    summary = {k: sum(t[k] for t in per_text) / len(per_text) for k in keys}
-    summary["n_texts"] = len(per_text)
-    return {"summary": summary, "texts": per_text}

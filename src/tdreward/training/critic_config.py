@@ -1,0 +1,69 @@
+"""`tdreward train-critic`'s settings: each field is a flag (tdreward.flags). No heavy imports.
+
+The reward and the critic's own hyperparameters are a nested `RewardConfig` (`cfg.reward`),
+saved with the trained critic; the fields here say how it is trained and on what.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tdreward.critic_files import check_state_name
+from tdreward.errors import TDRewardError
+from tdreward.flags import setting
+from tdreward.reward.config import RewardConfig
+from tdreward.specs import DEFAULT_MODEL
+from tdreward.validation import check_output_dir, validate
+from tdreward.version import __version__
+
+# Flag ranges, checked when the config is built (tdreward.validation); the reward's own are
+# RewardConfig's.
+CRITIC_RULES = {
+    "max_tokens": ">=2", "epochs": ">=1", "batch_size": ">=1", "lr": ">0", "weight_decay": ">=0",
+    "window": ">=2", "val_fraction": "(0, 1)", "patience": ">=1", "lm_batch_size": ">=1",
+}
+
+
+@dataclass(kw_only=True)
+class CriticTrainingConfig:
+    """Everything `tdreward train-critic` takes: each field is a flag (tdreward.flags)."""
+
+    base_model: str = setting(DEFAULT_MODEL, help="reference LM spec (frozen)")
+    dataset: str = setting(help="HF dataset name or local file/folder")
+    dataset_config: str | None = setting(None, help="HF dataset config, e.g. wikitext-2-raw-v1")
+    split: str = setting("train", help="HF dataset split")
+    max_tokens: int | None = setting(None, help="read at most this many corpus tokens")
+    output_dir: str = setting(help="where the reward model is written")
+    epochs: int = setting(40, help="epochs at most (early stopping may end sooner)")
+    batch_size: int = setting(8, help="windows per step")
+    lr: float = setting(1e-3, help="learning rate (AdamW)")
+    weight_decay: float = setting(1e-4, help="AdamW weight decay")
+    reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "nested"})
+    seed: int = setting(0, help="seed of the initial weights, the validation split and the "
+                        "shuffling")
+    window: int = setting(256, help="tokens per LM window")
+    val_fraction: float = setting(0.1, help="share of the documents held out for validation")
+    patience: int = setting(6, help="early-stopping patience: epochs without a better "
+                            "validation TD error")
+    # A corpus document's end is where its text stops, not necessarily where the reader's
+    # episode ends: by default it bootstraps like a cut window and only EOS is terminal.
+    doc_end_terminal: bool = setting(
+        False, help="treat each corpus document's end as terminal (default: only EOS is)")
+    lm_batch_size: int = setting(8, help="windows per reference-LM pass while the features "
+                                 "are cached")
+
+    def __post_init__(self) -> None:
+        validate(self, CRITIC_RULES)
+        if not self.dataset:
+            raise TDRewardError("--dataset is required (HF dataset name or local file/folder)")
+        check_state_name(self.reward.state)
+        check_output_dir(self.output_dir, "--output_dir")
+
+    def cache_key(self) -> dict:
+        """The settings the LM-feature cache depends on. The corpus and the reference model
+        count by content, not by name (`feature_cache_key`)."""
+        keys = ("max_tokens", "window")
+        return {k: getattr(self, k) for k in keys} | {"tdreward_version": __version__}
+
+
+__all__ = ["CRITIC_RULES", "CriticTrainingConfig"]
