@@ -9,11 +9,28 @@ Modules import heavy libraries inside their command functions, and config module
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import pkgutil
 from types import ModuleType
 
-__all__ = ["command_modules"]
+from tdreward.flags import add_config_flag, add_flags
+
+__all__ = ["add_command", "command_modules"]
+
+
+def add_command(sub, common: argparse.ArgumentParser, name: str, config, run, *, help: str,  # noqa: A002
+                description: str | None = None, aliases: tuple[str, ...] = (),
+                config_file: bool = True) -> argparse.ArgumentParser:
+    """One subcommand: its parser, a flag per field of `config`, `--config FILE` (training and
+    evaluation commands) and `run(args)` as what it does."""
+    p = sub.add_parser(name, aliases=list(aliases), parents=[common], help=help,
+                       description=description or help)
+    add_flags(p, config)
+    if config_file:
+        add_config_flag(p)
+    p.set_defaults(func=run)
+    return p
 
 
 def command_modules() -> list[ModuleType]:

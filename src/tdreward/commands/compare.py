@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tdreward.commands import add_command
 from tdreward.evaluation.compare_config import (
     CompareConfig,
     ExperimentConfig,
     TestInstructConfig,
 )
 from tdreward.evaluation.evaluate_config import EvaluateConfig
-from tdreward.flags import add_config_flag, add_flags, from_args
+from tdreward.flags import from_args
 
 ORDER = 30
 
@@ -31,10 +32,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
             "sample generations"}),
     ]
     for name, cls, func, kw in commands:
-        p = sub.add_parser(name, parents=[common], **kw)
-        add_flags(p, cls)
-        add_config_flag(p)
-        p.set_defaults(func=func, config_class=cls)
+        add_command(sub, common, name, cls, func, **kw).set_defaults(config_class=cls)
 
 
 def run_compare(args: argparse.Namespace) -> int:

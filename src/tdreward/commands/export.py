@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import argparse
 
+from tdreward.commands import add_command
 from tdreward.export.export_config import ExportConfig
-from tdreward.flags import add_flags, from_args
+from tdreward.flags import from_args
 
 ORDER = 60
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "export", parents=[common], help="export a model (+ LoRA adapter) to GGUF",
+    add_command(
+        sub, common, "export", ExportConfig, run,
+        help="export a model (+ LoRA adapter) to GGUF",
         description="Write a GGUF file with the gguf library: Llama (SmolLM2), Gemma 3 and "
         "GPT-2 architectures. The tokenizer and chat template are copied from the model's "
         "source GGUF when it came from one, else built from the HF tokenizer (byte-level BPE). "
-        "Checked against llama.cpp: per-token log-probs agree with the torch model.")
-    add_flags(p, ExportConfig)
-    p.set_defaults(func=run)
+        "Checked against llama.cpp: per-token log-probs agree with the torch model.", config_file=False)
 
 
 def run(args: argparse.Namespace) -> int:

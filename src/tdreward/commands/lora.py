@@ -4,22 +4,21 @@ from __future__ import annotations
 
 import argparse
 
-from tdreward.flags import add_config_flag, add_flags, from_args
+from tdreward.commands import add_command
+from tdreward.flags import from_args
 from tdreward.training.lora_config import LoraTrainingConfig
 
 ORDER = 40
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "lora", parents=[common], help="LoRA/QLoRA fine-tuning with a TD-weighted loss",
+    add_command(
+        sub, common, "lora", LoraTrainingConfig, run,
+        help="LoRA/QLoRA fine-tuning with a TD-weighted loss",
         description="Fine-tune a LoRA adapter with the causal-LM loss weighted per token by "
         "w_t = min(exp(A_t / temperature), w_max), A_t the TD error delta_t of the frozen base "
         "(the adapter disabled) less its batch mean. --reward_scale 0 is plain SFT. A .jsonl of "
         "prompt/completion pairs trains on the completion tokens only.")
-    add_flags(p, LoraTrainingConfig)
-    add_config_flag(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from tdreward.flags import add_config_flag, add_flags, from_args, setting
+from tdreward.commands import add_command
+from tdreward.flags import from_args, setting
 from tdreward.validation import check_choice, check_output_dir, validate
 
 ORDER = 90
@@ -36,11 +37,9 @@ class NeuroConfig:
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("neuro", parents=[common],
-                       help="simulate Qian et al. (2025): cue RPEs under contingency changes")
-    add_flags(p, NeuroConfig)
-    add_config_flag(p)
-    p.set_defaults(func=run)
+    add_command(
+        sub, common, "neuro", NeuroConfig, run,
+        help="simulate Qian et al. (2025): cue RPEs under contingency changes")
 
 
 def run(args: argparse.Namespace) -> int:

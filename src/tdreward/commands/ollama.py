@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from tdreward.flags import add_config_flag, add_flags, from_args
+from tdreward.commands import add_command
+from tdreward.flags import from_args
 from tdreward.ollama.ollama_config import OllamaConfig
 from tdreward.recipes.ollama_finetune_config import FinetuneConfig
 
@@ -13,27 +14,22 @@ ORDER = 62
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "ollama", parents=[common], help="create / run / evaluate / delete an Ollama model",
+    add_command(
+        sub, common, "ollama", OllamaConfig, run,
+        help="create / run / evaluate / delete an Ollama model",
         description="create: export the model to GGUF when needed, write a Modelfile (FROM, "
         "TEMPLATE from the chat template, stop parameters, SYSTEM) and create the model "
         "through the Ollama API (blob upload + /api/create). run: generate. evaluate: score "
         "generations with the TD reward model. delete: remove the model.")
-    add_flags(p, OllamaConfig)
-    add_config_flag(p)  # evaluate is an evaluation: its settings may come from a file
-    p.set_defaults(func=run)
 
-    f = sub.add_parser(
-        "ollama-finetune", aliases=["ollama_finetune"], parents=[common],
+    add_command(
+        sub, common, "ollama-finetune", FinetuneConfig, run_finetune, aliases=["ollama_finetune"],
         help="LoRA fine-tune an Ollama model with the TD reward and create the result",
         description="Find the base model's GGUF through the Ollama server (/api/show), load it "
         "in transformers, LoRA-fine-tune it with the TD-weighted loss, merge, export GGUF, "
         "create the new Ollama model and print the TD reward of its responses before and "
         "after. --base_model also takes gguf:PATH / embedded:NAME (no server needed); with no "
         "server reachable the GGUF and Modelfile are still written.")
-    add_flags(f, FinetuneConfig)
-    add_config_flag(f)
-    f.set_defaults(func=run_finetune)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,22 +6,20 @@ from __future__ import annotations
 
 import argparse
 
-from tdreward.flags import add_config_flag, add_flags, from_args
+from tdreward.commands import add_command
+from tdreward.flags import from_args
 from tdreward.recipes.quickstart_config import QuickstartConfig
 
 ORDER = 5
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "quickstart", parents=[common],
+    add_command(
+        sub, common, "quickstart", QuickstartConfig, run,
         help="train a small critic (once) and compare the embedded base and instruct models",
         description="Train a small critic on the bundled sample data if none is cached, run "
         "the base-vs-instruct experiment on the two embedded models, print the table and the "
         "HTML report's path.")
-    add_flags(p, QuickstartConfig)
-    add_config_flag(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

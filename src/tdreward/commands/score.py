@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tdreward.commands import add_command
 from tdreward.errors import TDRewardError
 from tdreward.evaluation.score_config import ScoreConfig
-from tdreward.flags import add_config_flag, add_flags, from_args
+from tdreward.flags import from_args
 
 if TYPE_CHECKING:
     from tdreward.reward_model import TextScore
@@ -21,12 +22,11 @@ log = logging.getLogger("tdreward")
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("score", parents=[common], help="per-token TD trace of a text",
+    add_command(
+        sub, common, "score", ScoreConfig, run,
+        help="per-token TD trace of a text",
                        description="Score texts with the TD reward: a per-token trace and a "
                        "summary (td_reward, mean_r, return, perplexity, n_tokens).")
-    add_flags(p, ScoreConfig)
-    add_config_flag(p)
-    p.set_defaults(func=run)
 
 
 def read_texts(cfg: ScoreConfig) -> tuple[list[str], list[str]]:

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tdreward.commands import add_command
 from tdreward.errors import TDRewardError
 from tdreward.export.export_config import OUTTYPES
-from tdreward.flags import add_flags, from_args, setting
+from tdreward.flags import from_args, setting
 from tdreward.specs import DEFAULT_MODEL
 from tdreward.validation import check_choice, validate
 
@@ -70,13 +71,12 @@ class ServeConfig:
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "serve", parents=[common], help="serve a model with llama.cpp's OpenAI-compatible server",
+    add_command(
+        sub, common, "serve", ServeConfig, run,
+        help="serve a model with llama.cpp's OpenAI-compatible server",
         description="Run llama-cpp-python's OpenAI-compatible server (/v1/models, "
         "/v1/completions, /v1/chat/completions) for a GGUF file or any model spec; "
-        "transformers models are exported to GGUF first (cached).")
-    add_flags(p, ServeConfig)
-    p.set_defaults(func=run)
+        "transformers models are exported to GGUF first (cached).", config_file=False)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,22 +7,21 @@ from __future__ import annotations
 
 import argparse
 
-from tdreward.flags import add_config_flag, add_flags, from_args
+from tdreward.commands import add_command
+from tdreward.flags import from_args
 from tdreward.training.ppo_config import PPOConfig
 
 ORDER = 30
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser(
-        "train", parents=[common], help="PPO fine-tuning with TD-shaped per-token rewards",
+    add_command(
+        sub, common, "train", PPOConfig, run,
+        help="PPO fine-tuning with TD-shaped per-token rewards",
         description="Fine-tune a language model by PPO. Per-token reward: the critic's TD error "
         "delta_t minus kl_coef x KL(policy || reference); GAE advantages; clipped policy and "
         "value losses; the critic keeps learning online. Prompts come from --prompts or from "
         "windows of --dataset. Works under `accelerate launch`.")
-    add_flags(p, PPOConfig)
-    add_config_flag(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-from tdreward.flags import add_config_flag, add_flags, from_args
+from tdreward.commands import add_command
+from tdreward.flags import from_args
 from tdreward.training.critic_config import CriticTrainingConfig
 
 ORDER = 20
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("train-critic", aliases=["train_critic"], parents=[common],
-                       help="learn the belief and value heads by TD(lambda) on a corpus")
-    add_flags(p, CriticTrainingConfig)
-    add_config_flag(p)
-    p.set_defaults(func=run)
+    add_command(
+        sub, common, "train-critic", CriticTrainingConfig, run, aliases=["train_critic"],
+        help="learn the belief and value heads by TD(lambda) on a corpus")
 
 
 def run(args: argparse.Namespace) -> int:
