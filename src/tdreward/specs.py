@@ -20,6 +20,8 @@ from tdreward.errors import TDRewardError
 
 # The reference LM and policy when none is named: small, instruction-tuned, shipped on PyPI.
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+# The models `compare` and `experiment` set side by side when none are named.
+DEFAULT_MODELS = (DEFAULT_MODEL, "embedded:gemma3-270m")
 
 KINDS = ("hf", "gguf", "llamacpp", "embedded", "ollama", "openai")
 _PREFIX = re.compile(r"^([A-Za-z][A-Za-z0-9_-]*):(.*)$")

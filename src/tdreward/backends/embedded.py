@@ -19,7 +19,6 @@ from tdreward.errors import TDRewardError
 
 log = logging.getLogger("tdreward")
 
-DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
 
 @dataclass(frozen=True)

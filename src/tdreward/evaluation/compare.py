@@ -27,11 +27,11 @@ from pathlib import Path
 from tdreward.backends.registry import BackendOptions, Generation, backend_for, make_generator
 from tdreward.errors import TDRewardError
 from tdreward.evaluation import stats
-from tdreward.evaluation.compare_config import DEFAULT_MODELS, CompareConfig
+from tdreward.evaluation.compare_config import CompareConfig
 from tdreward.evaluation.gen_cache import GenerationCache, default_cache_dir, model_fingerprint
 from tdreward.io import write_json
 from tdreward.reward_model import TDRewardModel, TextScore, load_reward_model
-from tdreward.specs import parse_spec
+from tdreward.specs import DEFAULT_MODELS, parse_spec
 
 log = logging.getLogger("tdreward")
 

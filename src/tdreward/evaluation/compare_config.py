@@ -15,10 +15,9 @@ from typing import Any
 from tdreward.errors import TDRewardError
 from tdreward.flags import setting
 from tdreward.reward_settings import RewardSettings
-from tdreward.specs import DEFAULT_MODEL, parse_spec
+from tdreward.specs import DEFAULT_MODEL, DEFAULT_MODELS, parse_spec
 from tdreward.validation import check_choice, check_output_dir, validate
 
-DEFAULT_MODELS = ("embedded:smollm2-135m-instruct", "embedded:gemma3-270m")
 BACKENDS = ("auto", "llamacpp", "transformers")
 PROMPT_FORMATS = ("auto", "chat", "raw")
 

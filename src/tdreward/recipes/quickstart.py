@@ -13,12 +13,12 @@ import os
 import shutil
 from pathlib import Path
 
-from tdreward.backends.embedded import DEFAULT_MODEL
 from tdreward.backends.embedded import cache_dir as tdreward_cache
 from tdreward.evaluation.compare import TRAINING_DATA, bundled_data, run_compare
-from tdreward.evaluation.compare_config import DEFAULT_MODELS, ExperimentConfig
+from tdreward.evaluation.compare_config import ExperimentConfig
 from tdreward.recipes.quickstart_config import QuickstartConfig
 from tdreward.reward_settings import RewardSettings
+from tdreward.specs import DEFAULT_MODEL, DEFAULT_MODELS
 
 log = logging.getLogger("tdreward")
 
