@@ -141,3 +141,83 @@ def retrospective_association(
 def immediate_reward(logp: Tensor, c: Tensor, entropy: Tensor, alpha: float, beta: float) -> Tensor:
     """r_t = log p(x_{t+1} | x_<=t) - alpha c_t + beta H_t."""
     return logp - alpha * c + beta * entropy
+
+
+@torch.no_grad()
+def expected_association(
+    hidden: Tensor,
+    lm_head: torch.nn.Module,
+    logp: Tensor,
+    input_ids: Tensor,
+    mask: Tensor,
+    log_p0: Tensor,
+    tau: float,
+    lam: float,
+    softcap: float | None = None,
+    chunk: int = 16,
+) -> Tensor:
+    """E_{v ~ p(.|x<=t)}[c_t(v)] for every position t, exactly: [B, T-1].
+
+    c_t(v) = log((1-lam) + lam q_t(v) / p0(v)) is log(1-lam) for every token outside the
+    eligibility window (q_t(v) = 0), so only the window's distinct tokens need p(v):
+    E_p[c_t] = log(1-lam) + sum_{v in window} p(v) [c_t(v) - log(1-lam)].
+    p(v) = exp(logit_t(v) - log Z_t), log Z_t recovered from the target's log p (`logp`), so
+    the window's logits are a gather of its tokens' output-embedding rows, never the whole
+    vocabulary. hidden [B, T, D]; logp [B, T-1]; returns 0 where lam is 0 (c is 0).
+    """
+    B, T = input_ids.shape
+    n = T - 1
+    out = torch.zeros(B, max(n, 0), device=input_ids.device)
+    if n <= 0 or lam <= 0:
+        return out
+    base = math.log1p(-lam)
+    H = trace_horizon(tau, T)
+    keys = F.pad(input_ids, (H - 1, 0), value=-1)
+    kmask = F.pad(mask.bool(), (H - 1, 0), value=False)
+    ages = torch.arange(H - 1, -1, -1, device=input_ids.device, dtype=torch.float32)
+    w = torch.exp(-ages / tau)
+    targets = input_ids[:, 1:]
+    linear = type(lm_head) is torch.nn.Linear
+    weight = lm_head.weight if linear else None
+    bias = lm_head.bias if linear else None
+
+    def logits_of(h: Tensor, ids: Tensor) -> Tensor:  # h [P, D], ids [P, K] -> [P, K]
+        if linear:
+            lg = torch.einsum("pd,pkd->pk", h.to(weight.dtype), weight[ids]).float()
+            if bias is not None:
+                lg = lg + bias[ids].float()
+        else:  # a wrapped head: its whole rows, then the gather
+            lg = lm_head(h).float().gather(-1, ids)
+        if softcap:
+            lg = torch.tanh(lg / softcap) * softcap
+        return lg
+
+    for b in range(B):
+        for a in range(0, n, chunk):
+            e = min(n, a + chunk)
+            win = keys[b, a : e + H - 1].unfold(0, H, 1)  # [P, H], oldest first
+            wm = kmask[b, a : e + H - 1].unfold(0, H, 1)
+            Z = (wm * w).sum(-1).clamp_min(1e-30)
+            # The window's distinct tokens: sort, then sum the weights of each run.
+            ids_sorted, order = torch.sort(torch.where(wm, win, torch.full_like(win, -1)), -1)
+            w_sorted = (w.expand_as(win) * wm).gather(-1, order)
+            first = torch.ones_like(ids_sorted, dtype=torch.bool)
+            first[:, 1:] = ids_sorted[:, 1:] != ids_sorted[:, :-1]
+            seg = first.cumsum(-1) - 1
+            E = torch.zeros_like(w_sorted).scatter_add_(-1, seg, w_sorted)
+            tok = torch.full_like(ids_sorted, -1).scatter_(-1, seg, ids_sorted)
+            valid = (tok >= 0) & (E > 0)
+            tok = tok.clamp(min=0)
+            h = hidden[b, a:e]
+            log_z = logits_of(h, targets[b, a:e, None])[:, 0] - logp[b, a:e].float()
+            p = torch.exp(logits_of(h, tok) - log_z[:, None])
+            q = E / Z[:, None]
+            c = torch.logaddexp(torch.full_like(q, base),
+                                math.log(lam) + torch.log(q.clamp_min(1e-30)) - log_p0[tok])
+            out[b, a:e] = base + (p * (c - base) * valid).sum(-1)
+    return out
+
+
+def expected_reward(entropy: Tensor, expected_c: Tensor, alpha: float, beta: float) -> Tensor:
+    """rbar_t = E_{v~p}[r_t(v)] = -H_t + beta H_t - alpha E_p[c_t] (E_p[log p] = -H)."""
+    return -entropy + beta * entropy - alpha * expected_c

@@ -1,0 +1,46 @@
+"""rbar_t, the exact one-step expected reward, against brute force over the whole vocabulary."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import make_tiny_lm
+from tdreward.reward.lm import forward_hidden
+from tdreward.reward.terms import (
+    expected_association,
+    expected_reward,
+    immediate_reward,
+    logprob_and_entropy,
+    retrospective_association,
+)
+
+
+def test_rbar_equals_the_expectation_of_r_over_every_next_token():
+    vocab, T, alpha, beta, tau, lam = 40, 14, 0.3, 0.05, 3.0, 0.5
+    lm = make_tiny_lm(vocab, seed=2, hidden_size=32)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 8, (2, T), generator=g)  # a small alphabet: the window repeats
+    mask = torch.ones_like(ids)
+    mask[1, -3:] = 0  # a padded row
+    counts = torch.randint(0, 50, (vocab,), generator=g).double()
+    log_p0 = ((counts + 1) / (counts + 1).sum()).log().float()  # non-uniform p0
+    head = lm.get_output_embeddings()
+    with torch.no_grad():
+        hidden = forward_hidden(lm, ids, mask)
+        logp, ent = logprob_and_entropy(hidden, head, torch.cat([ids[:, 1:], ids[:, :1]], 1))
+        logp = logp[:, :-1]
+        ec = expected_association(hidden, head, logp, ids, mask, log_p0, tau, lam, chunk=5)
+        rbar = expected_reward(ent[:, :-1], ec, alpha, beta)
+        full = torch.log_softmax(lm(input_ids=ids, attention_mask=mask).logits.double(), -1)
+    for b in range(2):
+        n = int(mask[b].sum())
+        for t in range(n - 1):
+            p = full[b, t].exp()
+            total = 0.0
+            for v in range(vocab):  # every possible next token
+                x = ids[b : b + 1].clone()
+                x[0, t + 1] = v
+                c = retrospective_association(x, mask[b : b + 1], log_p0, tau, lam)[0, t]
+                r = immediate_reward(full[b, t, v].float(), c, ent[b, t], alpha, beta)
+                total += float(p[v]) * float(r)
+            assert abs(total - float(rbar[b, t])) < 1e-5, (b, t, total, float(rbar[b, t]))
