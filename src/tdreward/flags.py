@@ -30,7 +30,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from tdreward.errors import TDRewardError
+from tdreward.errors import TDRewardError, first_line
 
 
 def setting(default: Any = dataclasses.MISSING, *, help: str,  # noqa: A002 (argparse's word)
@@ -181,7 +181,7 @@ def read_config_file(path: str) -> dict:
         else:
             data = json.loads(text)
     except Exception as e:  # json and yaml raise their own kinds
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise TDRewardError(f"--config: {p} cannot be read ({first})") from e
     if not isinstance(data, dict):
         raise TDRewardError(f"--config: {p} must hold a mapping of setting names to values")

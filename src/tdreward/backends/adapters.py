@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from tdreward.errors import TDRewardError
+from tdreward.errors import TDRewardError, first_line
 
 log = logging.getLogger("tdreward")
 
@@ -75,7 +75,7 @@ def load_merged_adapter(path: Path, load_base):
     try:
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     except (ValueError, RuntimeError, KeyError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise TDRewardError(f"cannot apply adapter {path} to its base {base}: {first}") from e
     if (path / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tdreward.errors import TDRewardError
+from tdreward.errors import TDRewardError, first_line
 from tdreward.export import tokenizer as gguf_tokenizer
 from tdreward.export.architectures import ARCHS, SUPPORTED, arch_for, permute_qk
 from tdreward.export.export_config import OUTTYPES, ExportConfig
@@ -187,7 +187,7 @@ def merge_adapter(model, adapter: str | Path):
     try:
         peft_model = PeftModel.from_pretrained(model, str(path))
     except (ValueError, RuntimeError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise TDRewardError(f"cannot apply adapter {path} to this model: {first}") from e
     return peft_model.merge_and_unload()
 

@@ -29,7 +29,7 @@ import torch
 from tdreward.data.corpus import chunk_documents, load_corpus
 from tdreward.data.prompts import PromptExample, load_prompts
 from tdreward.data.prompts import format_prompt as format_turn
-from tdreward.errors import TDRewardError
+from tdreward.errors import TDRewardError, first_line
 from tdreward.reward_model import TDRewardModel, load_reward_model
 from tdreward.specs import parse_spec
 from tdreward.training.lora_config import LoraTrainingConfig
@@ -245,10 +245,10 @@ def load_base_model(cfg: LoraTrainingConfig):
                 f"model {where!r} is not in the local Hugging Face cache and the hub cannot be "
                 "reached (offline); use an embedded model (embedded:smollm2-135m-instruct), "
                 "gguf:PATH or a local directory") from e
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise TDRewardError(f"cannot load {where!r}: {first}") from e
     except Exception as e:  # bitsandbytes / transformers raise many kinds on unsupported setups
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise TDRewardError(f"{bits}-bit quantisation cannot run here ({first}); "
                             "train without --use_4bit/--use_8bit") from e
     set_pad(tok, model)

@@ -9,7 +9,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from tdreward.errors import TDRewardError
+from tdreward.errors import TDRewardError, first_line
 from tdreward.training.ppo_config import PPOConfig
 from tdreward.training.rollout import response_forward
 
@@ -78,7 +78,7 @@ def build_policy(cfg: PPOConfig, lm, hidden_size: int):
         try:
             peft_model = get_peft_model(lm, lcfg)
         except ValueError as e:
-            raise TDRewardError(f"LoRA setup failed: {str(e).splitlines()[0]} "
+            raise TDRewardError(f"LoRA setup failed: {first_line(e)} "
                                 "(check --target_modules)") from e
         # One model in memory: the reference is the same network with the adapter switched off.
         return PolicyWithValue(peft_model, hidden_size), peft_model, peft_model.disable_adapter
