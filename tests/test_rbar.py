@@ -10,7 +10,7 @@ from tdreward.reward.terms import (
     expected_association,
     expected_reward,
     immediate_reward,
-    logprob_and_entropy,
+    next_token_stats,
     retrospective_association,
 )
 
@@ -27,10 +27,9 @@ def test_rbar_equals_the_expectation_of_r_over_every_next_token():
     head = lm.get_output_embeddings()
     with torch.no_grad():
         hidden = forward_hidden(lm, ids, mask)
-        logp, ent = logprob_and_entropy(hidden, head, torch.cat([ids[:, 1:], ids[:, :1]], 1))
-        logp = logp[:, :-1]
-        ec = expected_association(hidden, head, logp, ids, mask, log_p0, tau, lam, chunk=5)
-        rbar = expected_reward(ent[:, :-1], ec, alpha, beta)
+        _, ent, log_z = next_token_stats(hidden, head, torch.cat([ids[:, 1:], ids[:, :1]], 1))
+        ec = expected_association(hidden, head, log_z, ids, mask, log_p0, tau, lam, chunk=5)
+        rbar = expected_reward(ent, ec, alpha, beta)
         full = torch.log_softmax(lm(input_ids=ids, attention_mask=mask).logits.double(), -1)
     for b in range(2):
         n = int(mask[b].sum())

@@ -49,6 +49,7 @@ class TextScore:
     c: list[float]
     H: list[float]
     r: list[float]
+    rbar: list[float]
     V: list[float]
     delta: list[float]
     belief: list[list[float]]
@@ -56,8 +57,9 @@ class TextScore:
     summary: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        keys = ("token", "logp", "c", "H", "r", "V", "delta", "belief")
-        rows = zip(self.tokens, self.logp, self.c, self.H, self.r, self.V, self.delta, self.belief)
+        keys = ("token", "logp", "c", "H", "r", "rbar", "V", "delta", "belief")
+        rows = zip(self.tokens, self.logp, self.c, self.H, self.r, self.rbar, self.V, self.delta,
+                   self.belief)
         return {
             "summary": self.summary,
             "state_names": self.state_names,
@@ -106,6 +108,8 @@ class TDRewardModel:
         named `base_model`, for error messages."""
         path = Path(path)
         meta = read_critic_config(path)
+        if "value_form" not in meta.get("reward_config", {}):
+            log.warning(OLD_LAYOUT_NOTE, path)
         try:
             cfg = RewardConfig.from_dict(meta["reward_config"])
         except (TypeError, ValueError, AttributeError) as e:
@@ -202,10 +206,11 @@ class TDRewardModel:
 
     def features(self, input_ids, attention_mask, done=None, max_length=None, stride=None):
         """LMFeatures of a batch: one forward pass of the reference LM (no gradient)."""
+        cfg = self.config
         with torch.no_grad():
             return extract_features(
                 self.lm, input_ids, attention_mask, done, max_length, stride,
-                self.config.logit_tile_elems,
+                cfg.logit_tile_elems, (self.critic.log_p0, cfg.tau, cfg.lam),
             )
 
     def terminal_states(self, input_ids, attention_mask, terminal_at_end: bool = False):
@@ -223,7 +228,8 @@ class TDRewardModel:
 
     def score_batch(self, input_ids, attention_mask, done=None, max_length=None, stride=None,
                     terminal_at_end: bool = False):
-        """All per-token tensors for a padded batch: logp, c, H, r, values, states, delta."""
+        """All per-token tensors for a padded batch: logp, c, H, r, rbar, values, states, delta
+        (and the value's parts, tdreward.reward.critic.TDCritic.value_parts)."""
         if done is None:
             done = self.terminal_states(input_ids, attention_mask, terminal_at_end)
         feats = self.features(input_ids, attention_mask, done, max_length, stride)
@@ -281,6 +287,7 @@ class TDRewardModel:
         summary = {
             "td_reward": float(delta.mean()),
             "mean_r": float(r.mean()),
+            "mean_rbar": float(out["rbar"][j, :n].mean()),
             "return": float(discounted_return(r[None], torch.ones_like(r[None]),
                                               self.config.gamma)[0]),
             "perplexity": float(math.exp(-float(logp.mean()))),
@@ -290,7 +297,8 @@ class TDRewardModel:
             token_ids=row,
             tokens=[self.tokenizer.decode([t]) for t in row[1:]],
             logp=logp.tolist(), c=cut(out["c"]), H=out["H"][j, :n].tolist(), r=r.tolist(),
-            V=out["values"][j, :n].tolist(), delta=delta.tolist(),
+            rbar=out["rbar"][j, :n].tolist(), V=out["values"][j, :n].tolist(),
+            delta=delta.tolist(),
             belief=out["states"][j, :n].tolist(), state_names=self.critic.state_names,
             summary=summary,
         )
@@ -317,8 +325,14 @@ class TDRewardModel:
 
 # --------------------------------------------------------------------------- the reward a command uses
 UNTRAINED_WARNING = (
-    "no --reward_model_path: the belief and value heads are untrained, so V and delta are not "
-    "yet meaningful (delta = r); r needs no learning. Train a critic with `tdreward train-critic`."
+    "no --reward_model_path: V is the learning-free part alone (the LM's expected reward rbar "
+    "plus the reward centre), so delta is surprise relative to the LM's own expectation; train "
+    "a critic with `tdreward train-critic` for a V that also predicts from the belief state."
+)
+OLD_LAYOUT_NOTE = (
+    "%s was saved before V = rbar + gamma C (value_form 'absolute'): its V is the learned head "
+    "alone and delta = r + gamma V' - V as it was; train it again for the exact expected reward "
+    "in V"
 )
 
 

@@ -15,6 +15,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from tdreward.reward.averages import causal_ema
 from tdreward.reward.config import RewardConfig
 
 STATE_REGISTRY: dict[str, type[BeliefStateModel]] = {}
@@ -142,26 +143,13 @@ class HiddenStateModel(BeliefStateModel):
 
 
 def context_features(obs_scalars: Tensor, mask: Tensor, timescales: list[float]) -> Tensor:
-    """Causal exponential moving averages of the scalar observation features: [B, T, F * n].
-
-    Bias-corrected like Adam's moments, so the first positions hold the running mean instead of
-    a decay from zero; padding holds the last value. obs_scalars [B, T, F], mask [B, T].
-    """
+    """Causal exponential moving averages of the scalar observation features: [B, T, F * n],
+    one block of F per time scale (tdreward.reward.averages: bias-corrected, so the first
+    positions hold the running mean; padding holds the last value). obs_scalars [B, T, F]."""
     B, T, F = obs_scalars.shape
     if not timescales:
         return obs_scalars.new_zeros(B, T, 0)
-    a = obs_scalars.new_tensor([1.0 - 1.0 / max(ts, 1.0) for ts in timescales])  # [n]
-    x = obs_scalars[..., None, :].expand(B, T, len(timescales), F)  # [B, T, n, F]
-    m = mask.to(obs_scalars.dtype)[..., None, None]
-    acc = obs_scalars.new_zeros(B, len(timescales), F)
-    norm = obs_scalars.new_zeros(B, len(timescales), 1)
-    out = []
-    for t in range(T):
-        keep = a[:, None] * m[:, t] + (1 - m[:, t])  # padding: no decay, no update
-        acc = keep * acc + (1 - a[:, None]) * m[:, t] * x[:, t]
-        norm = keep[..., :1] * norm + (1 - a[:, None]) * m[:, t]
-        out.append(acc / norm.clamp_min(1e-6))
-    return torch.stack(out, dim=1).reshape(B, T, -1)
+    return torch.cat([causal_ema(obs_scalars, mask, ts) for ts in timescales], dim=-1)
 
 
 # Observation features are divided by these so they enter the networks near unit scale.

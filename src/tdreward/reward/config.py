@@ -6,14 +6,16 @@ import dataclasses
 from dataclasses import dataclass
 
 from tdreward.flags import setting
-from tdreward.validation import validate
+from tdreward.validation import check_choice, validate
 
 # Ranges of the settings: each is checked when a config is built (tdreward.validation).
 RULES = {
     "gamma": "[0, 1]", "lam": "[0, 1)", "tau": ">0", "td_lambda": "[0, 1]", "hazard": "(0, 1)",
     "n_belief_states": ">=1", "csc_bins": ">=1", "csc_threshold": ">0", "proj_dim": ">=1",
     "hidden_dim": ">=1", "context_timescales": ">0", "logit_tile_elems": ">=1",
+    "centre_timescale": ">0",
 }
+VALUE_FORMS = ("rbar", "absolute")
 
 
 @dataclass
@@ -54,6 +56,15 @@ class RewardConfig:
         True, flag="--no_value_uses_hidden",
         help="V sees only the belief state and the slow context, not proj(h_t) (with a slow "
         "context; without one V always sees proj(h_t))")
+    # V_t = rbar_t + gamma C_t (docs/design.md §2.3): the exact one-step expectation rbar_t
+    # plus the continuation C_t = m_t / (1 - gamma) + W_t, m_t a moving average of rbar (the
+    # reward centre, learning-free) and W_t the learned head (0 untrained). "absolute" is the
+    # layout of critics saved before 0.6: V = the head alone, no rbar, no centre.
+    value_form: str = setting("rbar", help="rbar: V = rbar + gamma (m/(1-gamma) + W), the "
+                              "learned head W on top of the exact one-step expectation and "
+                              "the reward centre m; absolute: V = W (critics before 0.6)")
+    centre_timescale: float = setting(100.0, help="time scale (tokens) of the reward centre m_t, "
+                                      "a causal moving average of rbar")
     # TD(lambda) for learning the critic (docs/design.md §2.4)
     td_lambda: float = setting(0.9, help="lambda of the TD(lambda) targets")
     # Floats per tile (rows x vocabulary slice) when turning hidden states into log-probs and
@@ -64,6 +75,7 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         validate(self, RULES, {"lam": "the reward's lam (trace mixture weight)"})
+        check_choice("--value_form", self.value_form, VALUE_FORMS)
         if self.state == "belief" and len(self.belief_state_names) != self.n_belief_states:
             self.belief_state_names = (
                 ["wait", "pre_transition"]
@@ -79,4 +91,5 @@ class RewardConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         d = dict(d)
         d.setdefault("context_timescales", [])  # critics saved before slow context existed
+        d.setdefault("value_form", "absolute")  # critics saved before V = rbar + gamma C
         return cls(**{k: v for k, v in d.items() if k in names})

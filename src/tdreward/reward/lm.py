@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from tdreward.data.corpus import chunk_token_windows
 from tdreward.reward.critic import LMFeatures
-from tdreward.reward.terms import logprob_and_entropy
+from tdreward.reward.terms import expected_association, next_token_stats
 
 
 def unwrap(lm: nn.Module) -> nn.Module:
@@ -47,17 +47,18 @@ def _single_pass(lm, input_ids, attention_mask, tile_elems):
     hidden = forward_hidden(lm, input_ids, attention_mask)
     head, softcap = logits_fn(lm)
     targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)  # last column: no target
-    logp, ent = logprob_and_entropy(hidden, head, targets, tile_elems, softcap)
-    return hidden, logp[:, :-1], ent
+    logp, ent, log_z = next_token_stats(hidden, head, targets, tile_elems, softcap)
+    return hidden, logp[:, :-1], ent, log_z
 
 
 def _windowed(lm, ids: Tensor, window: int, stride: int, tile_elems: int):
-    """One long row [T] in sliding windows -> hidden [T, D], logp [T-1], entropy [T]."""
+    """One long row [T] in sliding windows -> hidden [T, D], logp [T-1], entropy [T], log Z [T]."""
     T = ids.shape[0]
     head, softcap = logits_fn(lm)
     hidden = None
     logp = torch.zeros(T, device=ids.device)
     ent = torch.zeros(T, device=ids.device)
+    log_z = torch.zeros(T, device=ids.device)
     for begin, end, n_new in chunk_token_windows(T, window, stride):
         h = forward_hidden(lm, ids[None, begin:end], torch.ones_like(ids[None, begin:end]))
         h_new = h[0, -n_new:]
@@ -65,9 +66,9 @@ def _windowed(lm, ids: Tensor, window: int, stride: int, tile_elems: int):
             hidden = h.new_zeros(T, h.shape[-1])
         pos = torch.arange(end - n_new, end, device=ids.device)
         tgt = ids[(pos + 1).clamp(max=T - 1)]
-        lp, e = logprob_and_entropy(h_new, head, tgt, tile_elems, softcap)
-        hidden[pos], logp[pos], ent[pos] = h_new, lp, e
-    return hidden, logp[:-1], ent
+        lp, e, z = next_token_stats(h_new, head, tgt, tile_elems, softcap)
+        hidden[pos], logp[pos], ent[pos], log_z[pos] = h_new, lp, e, z
+    return hidden, logp[:-1], ent, log_z
 
 
 def extract_features(
@@ -78,9 +79,12 @@ def extract_features(
     max_length: int | None = None,
     stride: int | None = None,
     tile_elems: int = 1 << 21,
+    association: tuple[Tensor, float, float] | None = None,
 ) -> LMFeatures:
     """LMFeatures for a right-padded batch. `done` defaults to: the last token of every row is
-    the real end of its document (terminal). Rows longer than `max_length` use sliding windows."""
+    the real end of its document (terminal). Rows longer than `max_length` use sliding windows.
+    `association` = (log p0, tau, lam) of the critic also gives the exact E_p[c_t] of every
+    prediction (`expected_c`), which rbar needs."""
     B, T = input_ids.shape
     window = max_length or context_length(lm)
     if done is None:
@@ -88,7 +92,7 @@ def extract_features(
         done = torch.zeros(B, T, dtype=torch.bool, device=input_ids.device)
         done[torch.arange(B), (lengths - 1).clamp(min=0)] = True
     if window >= T:
-        hidden, logp, ent = _single_pass(lm, input_ids, attention_mask, tile_elems)
+        hidden, logp, ent, log_z = _single_pass(lm, input_ids, attention_mask, tile_elems)
     else:
         stride = stride or window // 2
         rows = []
@@ -99,9 +103,16 @@ def extract_features(
         hidden = rows[0][0].new_zeros(B, T, D)
         logp = hidden.new_zeros(B, T - 1, dtype=torch.float32)
         ent = hidden.new_zeros(B, T, dtype=torch.float32)
-        for b, (h, lp, e) in enumerate(rows):
+        log_z = torch.zeros_like(ent)
+        for b, (h, lp, e, z) in enumerate(rows):
             n = h.shape[0]
-            hidden[b, :n], logp[b, : n - 1], ent[b, :n] = h, lp, e
+            hidden[b, :n], logp[b, : n - 1], ent[b, :n], log_z[b, :n] = h, lp, e, z
     mask = attention_mask.to(torch.long)
     logp = logp * mask[:, 1:]
-    return LMFeatures(input_ids, mask, hidden, logp, ent * mask, done)
+    expected_c = None
+    if association is not None:
+        log_p0, tau, lam = association
+        head, softcap = logits_fn(lm)
+        expected_c = expected_association(hidden, head, log_z, input_ids, mask, log_p0, tau, lam,
+                                          softcap)
+    return LMFeatures(input_ids, mask, hidden, logp, ent * mask, done, expected_c)

@@ -13,7 +13,6 @@ from torch import Tensor
 from torch.nn import functional as F
 
 
-@torch.no_grad()
 def logprob_and_entropy(
     hidden: Tensor,
     lm_head: torch.nn.Module,
@@ -21,7 +20,22 @@ def logprob_and_entropy(
     tile_elems: int = 1 << 21,
     softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """log p(target) and predictive entropy (nats) from final hidden states (no gradient).
+    """log p(target) and predictive entropy (nats): `next_token_stats` without log Z."""
+    logp, ent, _ = next_token_stats(hidden, lm_head, targets, tile_elems, softcap)
+    return logp, ent
+
+
+@torch.no_grad()
+def next_token_stats(
+    hidden: Tensor,
+    lm_head: torch.nn.Module,
+    targets: Tensor,
+    tile_elems: int = 1 << 21,
+    softcap: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """log p(target), predictive entropy (nats) and log Z (the log-partition of the logits)
+    from final hidden states (no gradient). log Z is what the exact expected reward needs
+    (`expected_association`): with it, p(v) of any token is one dot product away.
 
     hidden [..., D], targets [...] (any value where there is no target; mask it later).
     The logits never exist whole: they are built a tile of (rows x vocabulary slice) at a
@@ -35,7 +49,7 @@ def logprob_and_entropy(
     if type(lm_head) is not torch.nn.Linear:
         # A LoRA-wrapped or quantised head computes more than x W^T + b: whole rows through
         # the module itself.
-        return _logprob_and_entropy_by_rows(hidden, lm_head, targets, tile_elems, softcap)
+        return _stats_by_rows(hidden, lm_head, targets, tile_elems, softcap)
     weight, bias = lm_head.weight, lm_head.bias
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
@@ -44,7 +58,7 @@ def logprob_and_entropy(
     rows = min(n, 8192)
     cols = min(vocab, max(256, tile_elems // max(rows, 1) // 64 * 64))
     logp = torch.empty(n, dtype=torch.float32, device=h.device)
-    ent = torch.empty_like(logp)
+    ent, log_z = torch.empty_like(logp), torch.empty_like(logp)
     for a in range(0, n, rows):
         hb, yb = h[a : a + rows], y[a : a + rows]
         m = torch.full((hb.shape[0],), -torch.inf, device=h.device)
@@ -68,28 +82,30 @@ def logprob_and_entropy(
             s = scale * s + e.sum(-1)
             m = m_new
         log_s = torch.log(s)
+        log_z[a : a + rows] = m + log_s
         logp[a : a + rows] = target - (m + log_s)
         ent[a : a + rows] = log_s - u / s
-    return logp.view(shape), ent.view(shape)
+    return logp.view(shape), ent.view(shape), log_z.view(shape)
 
 
-def _logprob_and_entropy_by_rows(hidden, lm_head, targets, tile_elems, softcap):
+def _stats_by_rows(hidden, lm_head, targets, tile_elems, softcap):
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
     y = targets.reshape(-1)
     vocab = getattr(lm_head, "out_features", None) or lm_head(h[:1]).shape[-1]
     step = max(1, tile_elems // vocab)
     logp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-    ent = torch.empty_like(logp)
+    ent, log_z = torch.empty_like(logp), torch.empty_like(logp)
     for i in range(0, h.shape[0], step):
         logits = lm_head(h[i : i + step]).float()
         if softcap:
             logits = torch.tanh_(logits.div_(softcap)).mul_(softcap)
+        log_z[i : i + step] = torch.logsumexp(logits, dim=-1)
         lsm = torch.log_softmax(logits, dim=-1)
         tgt = y[i : i + step].clamp(0, lsm.shape[-1] - 1)
         logp[i : i + step] = lsm.gather(1, tgt[:, None]).squeeze(1)
         ent[i : i + step] = -torch.linalg.vecdot(torch.exp(lsm), lsm)
-    return logp.view(shape), ent.view(shape)
+    return logp.view(shape), ent.view(shape), log_z.view(shape)
 
 
 def trace_horizon(tau: float, length: int) -> int:
@@ -147,77 +163,69 @@ def immediate_reward(logp: Tensor, c: Tensor, entropy: Tensor, alpha: float, bet
 def expected_association(
     hidden: Tensor,
     lm_head: torch.nn.Module,
-    logp: Tensor,
+    log_z: Tensor,
     input_ids: Tensor,
     mask: Tensor,
     log_p0: Tensor,
     tau: float,
     lam: float,
     softcap: float | None = None,
-    chunk: int = 16,
+    chunk: int = 256,
 ) -> Tensor:
-    """E_{v ~ p(.|x<=t)}[c_t(v)] for every position t, exactly: [B, T-1].
+    """E_{v ~ p(.|x<=t)}[c_t(v)] of the prediction made at every position t, exactly: [B, T]
+    (the last position too: its prediction has no target in the text, but a value).
 
     c_t(v) = log((1-lam) + lam q_t(v) / p0(v)) is log(1-lam) for every token outside the
     eligibility window (q_t(v) = 0), so only the window's distinct tokens need p(v):
-    E_p[c_t] = log(1-lam) + sum_{v in window} p(v) [c_t(v) - log(1-lam)].
-    p(v) = exp(logit_t(v) - log Z_t), log Z_t recovered from the target's log p (`logp`), so
-    the window's logits are a gather of its tokens' output-embedding rows, never the whole
-    vocabulary. hidden [B, T, D]; logp [B, T-1]; returns 0 where lam is 0 (c is 0).
+    E_p[c_t] = log(1-lam) + sum_{v in window} p(v) [c_t(v) - log(1-lam)],
+    p(v) = exp(logit_t(v) - log Z_t) with `log_z` [B, T] from `next_token_stats`.
+    For a chunk of positions the windows' tokens are few (at most chunk + horizon distinct
+    ones, usually far fewer than the vocabulary): their logits are one small matrix product
+    with the gathered output-embedding rows, and the traces E_t(v) one scatter-add.
+    hidden [B, T, D]; 0 where lam is 0 (c is 0) and on padding.
     """
     B, T = input_ids.shape
-    n = T - 1
-    out = torch.zeros(B, max(n, 0), device=input_ids.device)
-    if n <= 0 or lam <= 0:
+    out = torch.zeros(B, T, device=input_ids.device)
+    if T == 0 or lam <= 0:
         return out
     base = math.log1p(-lam)
     H = trace_horizon(tau, T)
-    keys = F.pad(input_ids, (H - 1, 0), value=-1)
+    keys = F.pad(input_ids, (H - 1, 0), value=0)
     kmask = F.pad(mask.bool(), (H - 1, 0), value=False)
     ages = torch.arange(H - 1, -1, -1, device=input_ids.device, dtype=torch.float32)
-    w = torch.exp(-ages / tau)
-    targets = input_ids[:, 1:]
+    w = torch.exp(-ages / tau)  # weight of each slot of a window, oldest first
     linear = type(lm_head) is torch.nn.Linear
-    weight = lm_head.weight if linear else None
-    bias = lm_head.bias if linear else None
 
-    def logits_of(h: Tensor, ids: Tensor) -> Tensor:  # h [P, D], ids [P, K] -> [P, K]
+    def logits_of(h: Tensor, ids: Tensor) -> Tensor:  # h [P, D], ids [K] -> [P, K]
         if linear:
-            lg = torch.einsum("pd,pkd->pk", h.to(weight.dtype), weight[ids]).float()
-            if bias is not None:
-                lg = lg + bias[ids].float()
-        else:  # a wrapped head: its whole rows, then the gather
-            lg = lm_head(h).float().gather(-1, ids)
-        if softcap:
-            lg = torch.tanh(lg / softcap) * softcap
-        return lg
+            lg = F.linear(h.to(lm_head.weight.dtype), lm_head.weight[ids],
+                          None if lm_head.bias is None else lm_head.bias[ids]).float()
+        else:  # a wrapped head computes more than x W^T + b: its whole rows, then the gather
+            lg = lm_head(h).float()[:, ids]
+        return torch.tanh(lg / softcap) * softcap if softcap else lg
 
     for b in range(B):
-        for a in range(0, n, chunk):
-            e = min(n, a + chunk)
-            win = keys[b, a : e + H - 1].unfold(0, H, 1)  # [P, H], oldest first
-            wm = kmask[b, a : e + H - 1].unfold(0, H, 1)
-            Z = (wm * w).sum(-1).clamp_min(1e-30)
-            # The window's distinct tokens: sort, then sum the weights of each run.
-            ids_sorted, order = torch.sort(torch.where(wm, win, torch.full_like(win, -1)), -1)
-            w_sorted = (w.expand_as(win) * wm).gather(-1, order)
-            first = torch.ones_like(ids_sorted, dtype=torch.bool)
-            first[:, 1:] = ids_sorted[:, 1:] != ids_sorted[:, :-1]
-            seg = first.cumsum(-1) - 1
-            E = torch.zeros_like(w_sorted).scatter_add_(-1, seg, w_sorted)
-            tok = torch.full_like(ids_sorted, -1).scatter_(-1, seg, ids_sorted)
-            valid = (tok >= 0) & (E > 0)
-            tok = tok.clamp(min=0)
-            h = hidden[b, a:e]
-            log_z = logits_of(h, targets[b, a:e, None])[:, 0] - logp[b, a:e].float()
-            p = torch.exp(logits_of(h, tok) - log_z[:, None])
-            q = E / Z[:, None]
-            c = torch.logaddexp(torch.full_like(q, base),
-                                math.log(lam) + torch.log(q.clamp_min(1e-30)) - log_p0[tok])
-            out[b, a:e] = base + (p * (c - base) * valid).sum(-1)
+        n_b = int(mask[b].sum())  # right padding: positions past it stay 0
+        for a in range(0, n_b, chunk):
+            e = min(n_b, a + chunk)
+            span, span_ok = keys[b, a : e + H - 1], kmask[b, a : e + H - 1]
+            vocab_here, local = torch.unique(span, return_inverse=True)  # [K], [span]
+            K = vocab_here.shape[0]
+            local = torch.where(span_ok, local, K)  # padding goes to a spare column
+            win = local.unfold(0, H, 1)  # [P, H]
+            wts = (w * span_ok.unfold(0, H, 1)).float()  # [P, H]
+            E = torch.zeros(win.shape[0], K + 1, device=out.device).scatter_add_(1, win, wts)
+            E = E[:, :K]
+            Z = wts.sum(-1, keepdim=True).clamp_min(1e-30)
+            p = torch.exp(logits_of(hidden[b, a:e], vocab_here) - log_z[b, a:e, None].float())
+            c = torch.logaddexp(torch.full_like(E, base),
+                                math.log(lam) + torch.log((E / Z).clamp_min(1e-30))
+                                - log_p0[vocab_here].float())
+            out[b, a:e] = base + (p * (c - base) * (E > 0)).sum(-1)
     return out
 
 
 def expected_reward(entropy: Tensor, expected_c: Tensor, alpha: float, beta: float) -> Tensor:
-    """rbar_t = E_{v~p}[r_t(v)] = -H_t + beta H_t - alpha E_p[c_t] (E_p[log p] = -H)."""
+    """rbar_t = E_{v~p}[r_t(v)] = -H_t + beta H_t - alpha E_p[c_t] (E_p[log p] = -H): the
+    reward the reference LM expects before it sees x_{t+1}. Any shape, elementwise."""
     return -entropy + beta * entropy - alpha * expected_c

@@ -19,7 +19,6 @@ from torch import Tensor
 from tdreward.data.prompts import format_prompt
 from tdreward.errors import TDRewardError
 from tdreward.reward.lm import logits_fn, unwrap
-from tdreward.reward.terms import immediate_reward
 
 log = logging.getLogger("tdreward")
 
@@ -272,14 +271,9 @@ class TDShapedReward:
 
     def td_step(self, feats) -> float:
         """One TD(lambda) step on the critic's heads (the reference LM stays frozen)."""
-        critic, cfg = self.rm.critic, self.rm.config
+        critic = self.rm.critic
         critic.train()
-        c = critic.association(feats)
-        r = immediate_reward(feats.logp, c, feats.entropy[:, :-1], cfg.alpha, cfg.beta)
-        values, _ = critic.values(feats, c)
-        rmask = feats.reward_mask.to(r.dtype)
-        loss = critic.td_lambda_loss(values, r * rmask, feats.done, rmask, cfg.gamma,
-                                     cfg.td_lambda)
+        loss = critic.td_lambda_loss(feats)
         self.optimizer.zero_grad()
         loss.backward()
         params = [p for p in critic.parameters() if p.grad is not None]
