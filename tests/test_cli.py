@@ -46,13 +46,16 @@ def test_score_json_html_plot(tmp_path, smollm2):
     assert len(ta["tokens"]) == ta["summary"]["n_tokens"] == len(ids)
     assert [t["token"] for t in ta["tokens"]] == [tok.decode([i]) for i in ids]
     row = ta["tokens"][0]
-    assert set(row) == {"token", "logp", "c", "H", "r", "V", "delta", "belief"}
+    assert set(row) == {"token", "logp", "c", "H", "r", "rbar", "V", "delta", "belief"}
     # The texts differ in one token: r differs there and nowhere before.
     k = next(i for i, (x, y) in enumerate(zip(ta["tokens"], tb["tokens"]))
              if x["token"] != y["token"])
     assert ta["tokens"][k]["r"] != pytest.approx(tb["tokens"][k]["r"], abs=1e-4)
     for i in range(k):
         assert ta["tokens"][i]["r"] == pytest.approx(tb["tokens"][i]["r"], abs=1e-4)
+    # rbar_t is what the LM expects before it sees x_{t+1}: equal up to and including k.
+    for i in range(k + 1):
+        assert ta["tokens"][i]["rbar"] == pytest.approx(tb["tokens"][i]["rbar"], abs=1e-4)
     for t in ta["tokens"]:
         assert sum(t["belief"]) == pytest.approx(1.0, abs=1e-5)
     html = (tmp_path / "t.html").read_text()

@@ -64,9 +64,9 @@ def test_td_lambda_learns_exact_discounted_returns(tokenizer, tmp_path):
     v, g = _exact_returns(trained, texts)
     r2 = 1 - float(((g - v) ** 2).mean() / g.var())
     assert r2 >= 0.9, f"R^2 of V against the exact returns: {r2:.3f}"
-    val = [e["val_td_mse"] for e in metrics["epochs"]]
-    assert min(val) < 0.5 * metrics["untrained_validation"]["td_mse"]
-    assert metrics["validation"]["explained_variance"] > 0.9
+    # Episodes end at each text's end (terminal): the held-out Monte-Carlo returns are exact.
+    assert metrics["validation"]["ev_mc"] > 0.9
+    assert metrics["validation"]["ev_mc"] > metrics["untrained_validation"]["ev_mc"] + 0.1
 
 
 def _tiny_model_dir(tokenizer, path: Path) -> Path:
@@ -136,7 +136,7 @@ def test_empty_or_too_short_corpus_is_one_line_error(tiny_dir, tmp_path):
     empty.write_text("", encoding="utf-8")
     short = tmp_path / "short.txt"
     short.write_text("Only a handful of words here.", encoding="utf-8")
-    for path, words in ((empty, "empty"), (short, "fewer than one window")):
+    for path, words in ((empty, "empty"), (short, "too few to train a critic")):
         res = _cli("train-critic", "--base_model", str(tiny_dir), "--dataset", str(path),
                    "--output_dir", str(tmp_path / "out"))
         assert res.returncode == 2, res.stderr

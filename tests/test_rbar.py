@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from conftest import make_tiny_lm
+from conftest import EMBEDDED, make_tiny_lm
+from tdreward.data.corpus import split_wikitext_articles
 from tdreward.reward.lm import forward_hidden
+from tdreward.reward.metrics import critic_diagnostics, doc_from_score
 from tdreward.reward.terms import (
     expected_association,
     expected_reward,
@@ -13,6 +15,7 @@ from tdreward.reward.terms import (
     next_token_stats,
     retrospective_association,
 )
+from tdreward.reward_model import TDRewardModel
 
 
 def test_rbar_equals_the_expectation_of_r_over_every_next_token():
@@ -43,3 +46,17 @@ def test_rbar_equals_the_expectation_of_r_over_every_next_token():
                 r = immediate_reward(full[b, t, v].float(), c, ent[b, t], alpha, beta)
                 total += float(p[v]) * float(r)
             assert abs(total - float(rbar[b, t])) < 1e-5, (b, t, total, float(rbar[b, t]))
+
+
+def test_untrained_delta_is_less_predictable_than_r(smollm2, wikitext_text):
+    """Without a critic V = rbar + gamma m/(1-gamma): delta is the surprise relative to the
+    LM's own expectation, far less predictable from the state than r itself (V = 0)."""
+    lm, tok = smollm2
+    rm = TDRewardModel.from_lm(lm, tok, EMBEDDED)
+    doc = doc_from_score(rm.score([split_wikitext_articles(wikitext_text)[0]])[0])
+    gamma = rm.config.gamma
+    default = critic_diagnostics([doc], gamma)
+    v0 = critic_diagnostics([doc | {"delta": doc["r"], "V": torch.zeros_like(doc["r"])}], gamma)
+    assert default["delta_r2"] < v0["delta_r2"], (default, v0)
+    assert default["delta_r2"] <= 0.05, default
+    assert abs(default["corr_delta_H"]) < abs(v0["corr_delta_H"]), (default, v0)

@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
 def print_scores(scores: list[TextScore], show_trace: bool,
                  names: list[str] | None = None) -> None:
     """The summary table, a row per text named by `names` (default 1, 2, ...), and with
-    show_trace each text's tokens coloured by delta."""
+    show_trace each text's tokens coloured by delta (tdreward.evaluation.trace.trace_line:
+    green more predictable than the model expected, red less, white as expected)."""
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -93,12 +94,8 @@ def print_scores(scores: list[TextScore], show_trace: bool,
                       str(m["n_tokens"]))
     print_table(table, console)
     if show_trace:
+        from tdreward.evaluation.trace import TERMINAL_LEGEND, trace_line
+
+        console.print(Text(TERMINAL_LEGEND, style="dim"))
         for name, s in zip(names, scores):
-            scale = max((abs(d) for d in s.delta), default=1.0) or 1.0
-            line = Text(f"{name}: ")
-            for tok, d in zip(s.tokens, s.delta):
-                a = min(1.0, abs(d) / scale)
-                level = int(40 + 160 * a)
-                colour = f"rgb(0,{level},0)" if d >= 0 else f"rgb({level},0,0)"
-                line.append(tok, style=f"on {colour}")
-            console.print(line)
+            console.print(trace_line(s, name))

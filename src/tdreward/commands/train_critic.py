@@ -1,4 +1,4 @@
-"""`tdreward train-critic`: learn the belief and value heads by TD(lambda) on a corpus."""
+"""`tdreward train-critic`: learn the critic's head (and belief filter) by TD(lambda) on a corpus."""
 
 from __future__ import annotations
 
@@ -24,9 +24,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = from_args(CriticTrainingConfig, args)
     m = train_critic(cfg)
     v, u = m["validation"], m["untrained_validation"]
-    print(f"held-out TD error (mean square): {v['td_mse']:.3f} trained vs {u['td_mse']:.3f} "
-          f"untrained (ratio {m['td_mse_ratio_vs_untrained']:.2f}); explained variance of "
-          f"the lambda-returns {fmt_num(v['explained_variance'], '.3f')}; best epoch "
-          f"{m['best_epoch']}")
+    n_doc, n_tok = m["n_documents"]["validation"], m["n_tokens"]["validation"]
+    print(f"held-out: {n_doc} document(s), {n_tok} tokens; best epoch {m['best_epoch']} "
+          "(highest EV_MC)")
+    print(f"{'critic':<10} {'EV_MC':>7} {'delta-R^2':>10} {'corr(delta,H)':>14} "
+          f"{'mean delta':>11} {'mean delta^2':>13}")
+    for name, d in (("untrained", u), ("trained", v)):
+        print(f"{name:<10} {fmt_num(d.get('ev_mc'), '.3f'):>7} "
+              f"{fmt_num(d.get('delta_r2'), '.4f'):>10} {fmt_num(d.get('corr_delta_H'), '+.3f'):>14} "
+              f"{fmt_num(d.get('mean_delta'), '+.3f'):>11} {fmt_num(d.get('mean_delta_sq'), '.3f'):>13}")
     print(f"reward model: {cfg.output_dir} (metrics.json, learning_curve.png)")
     return 0

@@ -41,7 +41,7 @@ def discounted_returns_to_end(r: Tensor, gamma: float) -> Tensor:
 
 
 def state_features(doc: dict[str, Tensor]) -> Tensor:
-    """[n, 8] features known at s_t: H_t, surprisal and c of x_t (0 at t = 0), moving
+    """[n, 7] features known at s_t: H_t, surprisal and c of x_t (0 at t = 0), moving
     averages of r_0..r_{t-1} over DIAGNOSTIC_TIMESCALES (0 at t = 0), log(t + 1)."""
     n = doc["r"].shape[0]
     prev = lambda x: torch.cat([x.new_zeros(1), x[:-1]])  # noqa: E731

@@ -20,7 +20,8 @@ from tdreward.version import __version__
 # RewardConfig's.
 CRITIC_RULES = {
     "max_tokens": ">=2", "epochs": ">=1", "batch_size": ">=1", "lr": ">0", "weight_decay": ">=0",
-    "window": ">=2", "val_fraction": "(0, 1)", "patience": ">=1", "lm_batch_size": ">=1",
+    "window": ">=2", "stride": ">=1",
+    "val_fraction": "(0, 1)", "patience": ">=1", "lm_batch_size": ">=1",
 }
 
 
@@ -34,36 +35,43 @@ class CriticTrainingConfig:
     split: str = setting("train", help="HF dataset split")
     max_tokens: int | None = setting(None, help="read at most this many corpus tokens")
     output_dir: str = setting(help="where the reward model is written")
-    epochs: int = setting(40, help="epochs at most (early stopping may end sooner)")
-    batch_size: int = setting(8, help="windows per step")
+    epochs: int = setting(60, help="epochs at most (early stopping may end sooner)")
+    batch_size: int = setting(1, help="documents per step (each read whole)")
     lr: float = setting(1e-3, help="learning rate (AdamW)")
     weight_decay: float = setting(1e-4, help="AdamW weight decay")
     reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "nested"})
     seed: int = setting(0, help="seed of the initial weights, the validation split and the "
                         "shuffling")
-    window: int = setting(256, help="tokens per LM window")
+    window: int | None = setting(None, help="the reference LM's reading window in tokens: "
+                                 "documents longer than it are read with sliding windows, as "
+                                 "`score` reads a text", default_help="the model's context")
+    stride: int | None = setting(None, help="sliding-window stride for long documents",
+                                 default_help="half the window")
     val_fraction: float = setting(0.1, help="share of the documents held out for validation")
-    patience: int = setting(6, help="early-stopping patience: epochs without a better "
-                            "validation TD error")
+    patience: int = setting(8, help="early-stopping patience: epochs without a better "
+                            "held-out EV_MC (explained variance of the Monte-Carlo returns)")
     # A corpus document's end is where its text stops, not necessarily where the reader's
     # episode ends: by default it bootstraps like a cut window and only EOS is terminal.
     doc_end_terminal: bool = setting(
         False, help="treat each corpus document's end as terminal (default: only EOS is)")
-    lm_batch_size: int = setting(8, help="windows per reference-LM pass while the features "
-                                 "are cached")
+    lm_batch_size: int = setting(8, help="documents per reference-LM pass while the features "
+                                 "are cached (a document longer than the window is read alone)")
 
     def __post_init__(self) -> None:
         validate(self, CRITIC_RULES)
         if not self.dataset:
             raise TDRewardError("--dataset is required (HF dataset name or local file/folder)")
         check_state_name(self.reward.state)
+        if self.stride and self.window and self.stride > self.window:
+            raise TDRewardError(f"--stride ({self.stride}) must not exceed --window ({self.window})")
         check_output_dir(self.output_dir, "--output_dir")
 
     def cache_key(self) -> dict:
         """The settings the LM-feature cache depends on. The corpus and the reference model
         count by content, not by name (`feature_cache_key`)."""
-        keys = ("max_tokens", "window")
-        return {k: getattr(self, k) for k in keys} | {"tdreward_version": __version__}
+        keys = ("max_tokens", "window", "stride")
+        reward = {k: getattr(self.reward, k) for k in ("tau", "lam")}  # E_p[c_t] depends on them
+        return {k: getattr(self, k) for k in keys} | reward | {"tdreward_version": __version__}
 
 
 __all__ = ["CRITIC_RULES", "CriticTrainingConfig"]

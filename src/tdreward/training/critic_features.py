@@ -1,6 +1,12 @@
-"""The LM features a critic learns from: the corpus read once by the frozen reference LM,
-cut into windows, cached on disk (safetensors) under a key of the corpus content, the model's
-fingerprint and the settings, so that editing the corpus recomputes them and moving it does not.
+"""The LM features a critic learns from: every corpus document read whole by the frozen
+reference LM exactly as `score` reads a text (the same prefix token, window and stride), so V
+learns the level and position effects users see; cached on disk (safetensors) under a key of
+the corpus content, the model's fingerprint and the settings, so that editing the corpus
+recomputes them and moving it does not.
+
+The cache is flat over tokens: input_ids [N], hidden [N, D] (fp16), logp [N] (log p of the
+next token; 0 at a document's last token), entropy [N], expected_c [N] (E_p[c_t], which rbar
+needs, under the corpus base rate), offsets [n_docs + 1] and log_p0 [V].
 """
 
 from __future__ import annotations
@@ -35,17 +41,6 @@ def tokenise_corpus(rm: TDRewardModel, docs: list[str], max_tokens: int | None):
         if max_tokens is not None and total >= max_tokens:
             break
     return rows, total
-
-
-def cut_windows(rows: list[list[int]], window: int):
-    """Non-overlapping windows: (doc index, token ids, ends its document?)."""
-    out = []
-    for d, ids in enumerate(rows):
-        for start in range(0, len(ids), window):
-            piece = ids[start : start + window]
-            if len(piece) >= 2:
-                out.append((d, piece, start + window >= len(ids)))
-    return out
 
 
 def model_fingerprint(lm, tokenizer) -> str:
@@ -102,48 +97,79 @@ def cached_features(data_path: Path, key: str) -> dict[str, torch.Tensor] | None
         return None
 
 
+MIN_CORPUS_TOKENS = 64
+
+
+def unigram_counts(rows: list[list[int]], vocab_size: int) -> torch.Tensor:
+    flat = torch.tensor([t for r in rows for t in r], dtype=torch.long)
+    return torch.bincount(flat, minlength=vocab_size)[:vocab_size]
+
+
 def build_feature_cache(cfg: CriticTrainingConfig, rm: TDRewardModel, docs: list[str],
-                        cache_dir: Path, key: str | None = None) -> dict[str, torch.Tensor]:
-    """Run the frozen LM over the corpus once; reuse the on-disk cache when it was computed
-    from the same texts, model and settings (`key`, default `feature_cache_key`)."""
+                        cache_dir: Path, key: str | None = None,
+                        progress: bool = True) -> dict[str, torch.Tensor]:
+    """Run the frozen LM over every document once; reuse the on-disk cache when it was computed
+    from the same texts, model and settings (`key`, default `feature_cache_key`). Sets the
+    critic's base rate p0 (the corpus's unigram rate), which E_p[c_t] depends on."""
     key = key or feature_cache_key(cfg, rm, docs)
     meta_path, data_path = cache_dir / "meta.json", cache_dir / "features.safetensors"
     cached = cached_features(data_path, key)
     if cached is not None:
         log.info("reusing the LM feature cache in %s", cache_dir)
+        rm.critic.log_p0.copy_(cached["log_p0"])
         return cached
     rows, total = tokenise_corpus(rm, docs, cfg.max_tokens)
-    if total < cfg.window:
+    if total < MIN_CORPUS_TOKENS:
         raise TDRewardError(
-            f"corpus {cfg.dataset!r} has {total} tokens, fewer than one window ({cfg.window}); "
-            "give more text or a smaller --window"
-        )
-    wins = cut_windows(rows, cfg.window)
-    ids, mask = rm.pad([w[1] for w in wins])
-    done = torch.zeros_like(ids, dtype=torch.bool)
-    for i, (_, piece, ends_doc) in enumerate(wins):
-        done[i, len(piece) - 1] = ends_doc  # a window cut mid-document bootstraps
-    hidden, logp, ent = [], [], []
+            f"corpus {cfg.dataset!r} has {total} tokens: too few to train a critic (at least "
+            f"{MIN_CORPUS_TOKENS}, some of them held out)")
+    rm.critic.set_base_rate(unigram_counts(rows, rm.critic.vocab_size))
+    from tdreward.reward.lm import context_length
+
+    window = cfg.window or context_length(rm.lm)
     from tqdm.auto import tqdm
 
-    for a in tqdm(range(0, len(wins), cfg.lm_batch_size), desc="reference LM", unit="batch"):
-        b = slice(a, a + cfg.lm_batch_size)
-        f = rm.features(ids[b], mask[b], done[b], max_length=cfg.window)
-        hidden.append(f.hidden.half())
-        logp.append(f.logp)
-        ent.append(f.entropy)
-    data = {
-        "input_ids": ids, "mask": mask, "done": done, "hidden": torch.cat(hidden),
-        "logp": torch.cat(logp), "entropy": torch.cat(ent),
-        "doc": torch.tensor([w[0] for w in wins]),
-    }
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in (
+        "input_ids", "hidden", "logp", "entropy", "expected_c")}
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    done_rows: dict[int, dict[str, torch.Tensor]] = {}
+    bar = tqdm(total=total, desc="reference LM", unit="tok", disable=not progress)
+    batch: list[int] = []
+    for pos, i in enumerate(order):
+        batch.append(i)
+        # Padding costs attention: documents share a pass only while the padded batch holds
+        # no more tokens than one window; longer ones are read alone (sliding windows).
+        nxt = order[pos + 1] if pos + 1 < len(order) else None
+        if (nxt is not None and len(batch) < cfg.lm_batch_size
+                and (len(batch) + 1) * len(rows[nxt]) <= window):
+            continue
+        ids, mask = rm.pad([rows[j] for j in batch])
+        f = rm.features(ids, mask, torch.zeros_like(ids, dtype=torch.bool), max_length=window,
+                        stride=cfg.stride)
+        for b, j in enumerate(batch):
+            n = len(rows[j])
+            done_rows[j] = {
+                "input_ids": ids[b, :n], "hidden": f.hidden[b, :n].half(),
+                "logp": torch.cat([f.logp[b, : n - 1], f.logp.new_zeros(1)]),
+                "entropy": f.entropy[b, :n], "expected_c": f.expected_c[b, :n],
+            }
+            bar.update(n)
+        batch = []
+    bar.close()
+    for j in range(len(rows)):  # back in corpus order
+        for k in parts:
+            parts[k].append(done_rows[j][k])
+    lengths = torch.tensor([len(r) for r in rows])
+    data = {k: torch.cat(v) for k, v in parts.items()}
+    data["offsets"] = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    data["log_p0"] = rm.critic.log_p0.clone()
     cache_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(data_path) as tmp:
         save_file({k: v.contiguous() for k, v in data.items()}, str(tmp), metadata={"key": key})
-    write_json(meta_path, {"key": key, "settings": cfg.cache_key(), "n_windows": len(wins),
+    write_json(meta_path, {"key": key, "settings": cfg.cache_key(), "n_documents": len(rows),
                            "n_tokens": total})  # for people: the key in the file decides
     return data
 
 
-__all__ = ["build_feature_cache", "cached_features", "cut_windows", "feature_cache_key",
-           "model_fingerprint", "tokenise_corpus"]
+__all__ = ["build_feature_cache", "cached_features", "feature_cache_key", "model_fingerprint",
+           "tokenise_corpus", "unigram_counts"]

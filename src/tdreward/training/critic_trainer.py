@@ -1,13 +1,18 @@
-"""`tdreward train-critic`: learn the belief filter and value function by TD(lambda).
+"""`tdreward train-critic`: learn the critic's head W (and the belief filter) by TD(lambda).
 
 One readable file, every hyperparameter in one dataclass (in the spirit of CleanRL).
 
-1. The corpus is tokenised and cut into windows; p0 is its unigram base rate.
-2. The frozen reference LM reads every window once; final hidden states (fp16), log p and
-   entropy are cached on disk, so head training never reruns the LM.
-3. The heads learn by TD(lambda): targets G^lambda from the current critic (stop-gradient),
-   loss mean (G^lambda - V)^2 in the critic's normalised units; a validation split of whole
-   documents, early stopping on its TD error, a checkpoint every epoch (resumable).
+1. The corpus is tokenised; p0 is its unigram base rate. The frozen reference LM reads every
+   document whole, exactly as `score` reads a text (prefix token, window, stride); final
+   hidden states (fp16), log p, entropy and E_p[c_t] are cached on disk, so head training
+   never reruns the LM (tdreward.training.critic_features).
+2. V_t = rbar_t + gamma (m_t / (1 - gamma) + W_t): rbar and the centre m are known, the head
+   W learns by reward-centred TD(lambda) on whole documents (targets from the current critic,
+   stop-gradient; no bootstrapping at cuts inside a document).
+3. Held-out documents are measured every epoch with the well-posed diagnostics of
+   tdreward.reward.metrics (mean delta^2 against the untrained critic, delta-R^2,
+   corr(delta, H), EV_MC); early stopping keeps the epoch of the best held-out EV_MC, never
+   the lowest mean delta^2 (a constant V minimises that). A checkpoint every epoch resumes.
 """
 
 from __future__ import annotations
@@ -28,93 +33,120 @@ from tdreward.io import atomic_path, write_json
 from tdreward.reward.belief import observation_features
 from tdreward.reward.config import RewardConfig
 from tdreward.reward.critic import LMFeatures
-from tdreward.reward.td import lambda_returns, td_errors
-from tdreward.reward.terms import immediate_reward
+from tdreward.reward.metrics import MIN_TOKENS_LEFT, critic_diagnostics
 from tdreward.reward_model import TDRewardModel
 from tdreward.training.critic_config import CriticTrainingConfig
 from tdreward.training.critic_features import build_feature_cache, feature_cache_key
 
 log = logging.getLogger("tdreward")
 
-
-# --------------------------------------------------------------------------- data + LM cache
-def terminal_states(rm: TDRewardModel, data: dict, doc_end_terminal: bool) -> torch.Tensor:
-    """done: EOS tokens always; the cached document ends only when asked."""
-    done = data["done"] & doc_end_terminal
-    if rm.tokenizer.eos_token_id is not None:
-        done = done | ((data["input_ids"] == rm.tokenizer.eos_token_id) & data["mask"].bool())
-    return done
+# What each epoch reports on the held-out documents, in this order.
+DIAGNOSTICS = ("mean_delta_sq", "delta_r2", "corr_delta_H", "ev_mc", "mean_delta", "var_delta",
+               "var_r_minus_rbar")
 
 
-def window_features(data: dict[str, torch.Tensor], idx: torch.Tensor) -> LMFeatures:
-    """The cached LM features of windows `idx` (hidden states back to float32)."""
-    return LMFeatures(data["input_ids"][idx], data["mask"][idx], data["hidden"][idx].float(),
-                      data["logp"][idx], data["entropy"][idx], data["done"][idx])
+# --------------------------------------------------------------------------- documents
+def doc_lengths(data: dict[str, torch.Tensor]) -> list[int]:
+    return (data["offsets"][1:] - data["offsets"][:-1]).tolist()
 
 
-def split_documents(data: dict[str, torch.Tensor], val_fraction: float, seed: int):
-    """Hold out whole documents (never windows of a document seen in training)."""
-    docs = sorted(set(data["doc"].tolist()))
-    random.Random(seed).shuffle(docs)
-    n_val = max(1, round(len(docs) * val_fraction)) if len(docs) > 1 else 0
-    val_docs = set(docs[:n_val])
-    is_val = torch.tensor([d in val_docs for d in data["doc"].tolist()])
-    if n_val == 0:  # one document: hold out its last windows instead
-        is_val = torch.zeros(len(is_val), dtype=torch.bool)
-        is_val[-max(1, round(len(is_val) * val_fraction)) :] = True
-    train, val = torch.nonzero(~is_val).squeeze(1), torch.nonzero(is_val).squeeze(1)
-    if len(train) == 0:
+def doc_features(data: dict[str, torch.Tensor], docs: list[int], eos_id: int | None,
+                 doc_end_terminal: bool) -> LMFeatures:
+    """The cached LM features of whole documents `docs`, right-padded into one batch.
+    Terminal states: EOS tokens always; a document's end only when asked (by default it
+    bootstraps, as the end of a text does in `score`)."""
+    offs = data["offsets"].tolist()
+    spans = [(offs[d], offs[d + 1]) for d in docs]
+    B, T = len(docs), max(b - a for a, b in spans)
+    D = data["hidden"].shape[1]
+    ids = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    hidden = torch.zeros(B, T, D)
+    logp, ent, ec = torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T)
+    done = torch.zeros(B, T, dtype=torch.bool)
+    for i, (a, b) in enumerate(spans):
+        n = b - a
+        ids[i, :n], mask[i, :n] = data["input_ids"][a:b], 1
+        hidden[i, :n] = data["hidden"][a:b].float()
+        logp[i, :n], ent[i, :n], ec[i, :n] = (data["logp"][a:b], data["entropy"][a:b],
+                                              data["expected_c"][a:b])
+        done[i, n - 1] = doc_end_terminal
+    if eos_id is not None:
+        done |= (ids == eos_id) & mask.bool()
+    return LMFeatures(ids, mask, hidden, logp[:, :-1] * mask[:, 1:], ent * mask, done, ec * mask)
+
+
+def split_documents(lengths: list[int], val_fraction: float, seed: int,
+                    min_tokens: int) -> tuple[list[int], list[int]]:
+    """Hold out whole documents: first the one whose length is closest to `val_fraction` of
+    the tokens among those long enough to measure (`min_tokens`), then more (in a seeded
+    order) while the held-out share is under half the target. Never a document seen in
+    training."""
+    total = sum(lengths)
+    target = val_fraction * total
+    rng = random.Random(seed)
+    docs = list(range(len(lengths)))
+    rng.shuffle(docs)
+    fit = [d for d in docs if lengths[d] >= min_tokens] or docs
+    first = min(fit, key=lambda d: abs(lengths[d] - target))
+    val = [first]
+    for d in docs:
+        if sum(lengths[v] for v in val) >= target / 2 or len(val) >= len(docs) - 1:
+            break
+        if d not in val and lengths[d] >= min_tokens:
+            val.append(d)
+    train = [d for d in range(len(lengths)) if d not in val]
+    if not train:
         raise TDRewardError("the corpus is too small to keep a validation split")
-    return train, val
+    return train, sorted(val)
 
 
-# --------------------------------------------------------------------------- TD(lambda)
-def _step_tensors(rm: TDRewardModel, feats: LMFeatures):
-    """(r masked to the valid rewards, V of every state, the reward mask)."""
-    critic, cfg = rm.critic, rm.config
-    c = critic.association(feats)
-    r = immediate_reward(feats.logp, c, feats.entropy[:, :-1], cfg.alpha, cfg.beta)
-    values, _ = critic.values(feats, c)
-    rmask = feats.reward_mask.to(r.dtype)
-    return r * rmask, values, rmask
+# --------------------------------------------------------------------------- measuring
+def _docs_of(out: dict[str, torch.Tensor], feats: LMFeatures) -> list[dict[str, torch.Tensor]]:
+    """Per-document 1-D tensors over the predicted tokens, as critic_diagnostics takes them."""
+    rows = []
+    for b in range(feats.mask.shape[0]):
+        n = int(feats.mask[b].sum()) - 1
+        rows.append({"r": out["r"][b, :n], "rbar": out["rbar"][b, :n],
+                     "V": out["values"][b, :n], "delta": out["delta"][b, :n],
+                     "H": feats.entropy[b, :n], "logp": feats.logp[b, :n], "c": out["c"][b, :n]})
+    return rows
 
 
 @torch.no_grad()
-def evaluate(rm: TDRewardModel, data: dict, idx: torch.Tensor, batch_size: int) -> dict:
-    """Mean squared TD error and explained variance of the lambda-returns on `idx`."""
-    sq, n, g_all, err_all = 0.0, 0, [], []
-    for a in range(0, len(idx), batch_size):
-        feats = window_features(data, idx[a : a + batch_size])
-        r, values, rmask = _step_tensors(rm, feats)
-        G = lambda_returns(r, values, feats.done, rmask, rm.config.gamma, rm.config.td_lambda)
-        delta = td_errors(r, values, feats.done, rm.config.gamma) * rmask
-        sq += float((delta**2).sum())
-        n += int(rmask.sum())
-        m = rmask.bool()
-        g_all.append(G[m])
-        err_all.append((G - values[:, :-1])[m])
-    g, e = torch.cat(g_all), torch.cat(err_all)
-    return {"td_mse": sq / max(n, 1), "explained_variance": float(1 - e.var() / g.var()),
-            "n_tokens": n}
+def evaluate(rm: TDRewardModel, data: dict, docs: list[int], cfg: CriticTrainingConfig) -> dict:
+    """The held-out diagnostics of tdreward.reward.metrics on documents `docs`."""
+    rows = []
+    for a in range(0, len(docs), cfg.batch_size):
+        feats = doc_features(data, docs[a : a + cfg.batch_size], rm.tokenizer.eos_token_id,
+                             cfg.doc_end_terminal)
+        rows += _docs_of(rm.critic(feats), feats)
+    # Returns to a terminal end are exact at every position; to a cut, only far from it.
+    min_left = 1 if cfg.doc_end_terminal else MIN_TOKENS_LEFT
+    return critic_diagnostics(rows, rm.config.gamma, min_left=min_left)
 
 
-def _init_value_scale(rm: TDRewardModel, data: dict, idx: torch.Tensor) -> None:
-    """V = offset + scale * head: start the offset at the value of an average stream of rewards
-    and the scale at the spread of one reward, so the head learns in units near 1."""
+def _init_scales(rm: TDRewardModel, data: dict, docs: list[int],
+                 cfg: CriticTrainingConfig) -> None:
+    """The head learns in units near 1: value_scale = the spread of one reward; the slow
+    context is standardised on the training documents; the offset starts at 0 for the rbar
+    form (W = 0: the untrained default) and at an average stream of rewards for the absolute."""
     with torch.no_grad():
-        feats = window_features(data, idx[:256])
-        r, _, rmask = _step_tensors(rm, feats)
-        mean_r = float(r.sum() / rmask.sum())
+        feats = doc_features(data, docs[:8], rm.tokenizer.eos_token_id, cfg.doc_end_terminal)
+        critic = rm.critic
+        c = critic.association(feats)
+        out = critic(feats, c)
+        rmask = feats.reward_mask.bool()
+        r = out["r"][rmask]
         if rm.config.context_timescales:
-            critic = rm.critic
-            scalars = observation_features(feats.logp, critic.association(feats), feats.entropy)
+            scalars = observation_features(feats.logp, c, feats.entropy)
             ctx = critic.context(scalars, feats.mask)[feats.mask.bool()]
             critic.context_mean.copy_(ctx.mean(0))
             critic.context_std.copy_(ctx.std(0).clamp_min(1e-4))
-        std_r = float(((r - mean_r) ** 2 * rmask).sum() / rmask.sum()) ** 0.5
     g = rm.config.gamma
-    rm.critic.value_offset.fill_(mean_r / (1 - g) if g < 1 else 0.0)
-    rm.critic.value_scale.fill_(max(std_r, 1e-3))
+    absolute = rm.config.value_form == "absolute"
+    rm.critic.value_offset.fill_(float(r.mean()) / (1 - g) if absolute and g < 1 else 0.0)
+    rm.critic.value_scale.fill_(max(float(r.std()), 1e-3))
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -190,6 +222,21 @@ def _load_checkpoint(path: Path, meta: dict, rm, opt) -> tuple[int, dict, list]:
 
 
 # --------------------------------------------------------------------------- main loop
+def _json_safe(obj):
+    """NaN (a diagnostic with too little data) as null: metrics.json stays strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _better(ev: float, best: float) -> bool:
+    return not math.isnan(ev) and (math.isnan(best) or ev > best + 1e-6)
+
+
 def train_critic(cfg: CriticTrainingConfig, rm: TDRewardModel | None = None,
                  docs: list[str] | None = None, progress: bool = True) -> dict:
     """Train and save a critic; returns the metrics written to metrics.json."""
@@ -197,28 +244,29 @@ def train_critic(cfg: CriticTrainingConfig, rm: TDRewardModel | None = None,
 
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    reward_cfg = cfg.reward
     if docs is None:  # read (and check) the corpus before the model loads
         docs = load_corpus(cfg.dataset, cfg.dataset_config, split=cfg.split)
     if rm is None:
-        rm = TDRewardModel.from_base(cfg.base_model, reward_cfg)
+        rm = TDRewardModel.from_base(cfg.base_model, cfg.reward)
     else:
-        rm = TDRewardModel.from_lm(rm.lm, rm.tokenizer, cfg.base_model, reward_cfg)
+        rm = TDRewardModel.from_lm(rm.lm, rm.tokenizer, cfg.base_model, cfg.reward)
     features_key = feature_cache_key(cfg, rm, docs)
-    data = build_feature_cache(cfg, rm, docs, out / "cache", features_key)
-    data["done"] = terminal_states(rm, data, cfg.doc_end_terminal)
-    counts = torch.bincount(data["input_ids"][data["mask"].bool()],
-                            minlength=rm.critic.vocab_size)[: rm.critic.vocab_size]
-    rm.critic.set_base_rate(counts)
-    train_idx, val_idx = split_documents(data, cfg.val_fraction, cfg.seed)
-    _init_value_scale(rm, data, train_idx)
-    untrained = evaluate(_untrained_copy(rm), data, val_idx if len(val_idx) else train_idx,
-                         cfg.batch_size)
+    data = build_feature_cache(cfg, rm, docs, out / "cache", features_key, progress=progress)
+    if len(data["offsets"]) == 2:  # one document: its tail is held out as a second one
+        n = int(data["offsets"][1])
+        cut = max(1, min(n - 2, round(n * (1 - cfg.val_fraction))))
+        data["offsets"] = torch.tensor([0, cut, n])
+        log.info("one document: its last %d tokens are held out for validation", n - cut)
+    lengths = doc_lengths(data)
+    min_tokens = 2 if cfg.doc_end_terminal else MIN_TOKENS_LEFT + 64
+    train_docs, val_docs = split_documents(lengths, cfg.val_fraction, cfg.seed, min_tokens)
+    _init_scales(rm, data, train_docs, cfg)
+    untrained = evaluate(rm, data, val_docs, cfg)  # W = 0: the learning-free default
     opt = torch.optim.AdamW([p for p in rm.critic.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=cfg.weight_decay)
     ckpt = out / "checkpoint"
     start_epoch, history = 0, []
-    best = {"epoch": 0, "val": float("inf"), "bad": 0,
+    best = {"epoch": 0, "val": untrained.get("ev_mc", math.nan), "bad": 0,
             "state": {k: v.clone() for k, v in rm.critic.state_dict().items()}}
     # Features of another corpus or model make another run, whatever the flags say.
     settings = json.loads(json.dumps(_resume_settings(cfg) | {"features": features_key}))
@@ -231,72 +279,67 @@ def train_critic(cfg: CriticTrainingConfig, rm: TDRewardModel | None = None,
             log.warning("%s holds a checkpoint of other settings or data: starting over", ckpt)
     from tqdm.auto import tqdm
 
+    eos = rm.tokenizer.eos_token_id
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         if best["bad"] >= cfg.patience:
             break
         rm.critic.train()
         g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # resumable shuffling
-        order = train_idx[torch.randperm(len(train_idx), generator=g)]
+        order = [train_docs[i] for i in torch.randperm(len(train_docs), generator=g).tolist()]
         bar = tqdm(range(0, len(order), cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}",
                    disable=not progress, leave=False)
         loss_sum, n_batches = 0.0, 0
         for a in bar:
-            feats = window_features(data, order[a : a + cfg.batch_size])
-            r, values, rmask = _step_tensors(rm, feats)
-            loss = rm.critic.td_lambda_loss(values, r, feats.done, rmask, rm.config.gamma,
-                                            rm.config.td_lambda)
+            feats = doc_features(data, order[a : a + cfg.batch_size], eos, cfg.doc_end_terminal)
+            loss = rm.critic.td_lambda_loss(feats)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(rm.critic.parameters(), 1.0)
             opt.step()
             loss_sum += float(loss.detach())
             n_batches += 1
-            with torch.no_grad():
-                d = td_errors(r, values, feats.done, rm.config.gamma) * rmask
-                bar.set_postfix(td_mse=f"{float((d**2).sum() / rmask.sum()):.3f}")
+            bar.set_postfix(td_loss=f"{float(loss.detach()):.3f}")
         rm.critic.eval()
-        tr = evaluate(rm, data, train_idx, cfg.batch_size)
-        va = evaluate(rm, data, val_idx, cfg.batch_size) if len(val_idx) else tr
+        va = evaluate(rm, data, val_docs, cfg)
+        ratio = va["mean_delta_sq"] / untrained["mean_delta_sq"]
         history.append({"epoch": epoch, "loss": loss_sum / max(n_batches, 1),
-                        "train_td_mse": tr["td_mse"], "val_td_mse": va["td_mse"],
-                        "train_explained_variance": tr["explained_variance"],
-                        "val_explained_variance": va["explained_variance"]})
-        log.info("epoch %d: train TD mse %.3f, val TD mse %.3f, val EV %.3f", epoch,
-                 tr["td_mse"], va["td_mse"], va["explained_variance"])
-        if va["td_mse"] < best["val"] - 1e-6:
-            best = {"epoch": epoch, "val": va["td_mse"], "bad": 0,
+                        "mean_delta_sq_ratio": ratio} | {k: va.get(k) for k in DIAGNOSTICS})
+        log.info("epoch %d: held-out EV_MC %.3f, delta-R^2 %.4f, corr(delta, H) %+.3f, "
+                 "mean delta^2 %.2fx untrained", epoch, va["ev_mc"], va["delta_r2"],
+                 va["corr_delta_H"], ratio)
+        if _better(va["ev_mc"], best["val"]):
+            best = {"epoch": epoch, "val": va["ev_mc"], "bad": 0,
                     "state": {k: v.detach().clone() for k, v in rm.critic.state_dict().items()}}
         else:
             best["bad"] += 1
         _save_checkpoint(ckpt, settings, rm, opt, epoch, best, history)
     rm.critic.load_state_dict(best["state"])
-    final = evaluate(rm, data, val_idx, cfg.batch_size) if len(val_idx) else {}
+    final = evaluate(rm, data, val_docs, cfg)
     metrics = {
         "config": dataclasses.asdict(cfg),
-        "n_windows": {"train": len(train_idx), "validation": len(val_idx)},
+        "n_documents": {"train": len(train_docs), "validation": len(val_docs)},
+        "n_tokens": {"train": sum(lengths[d] for d in train_docs),
+                     "validation": sum(lengths[d] for d in val_docs)},
         "untrained_validation": untrained,
         "best_epoch": best["epoch"],
+        "early_stopping": "held-out EV_MC",
         "validation": final,
-        "td_mse_ratio_vs_untrained": final.get("td_mse", math.nan) / untrained["td_mse"],
+        "mean_delta_sq_ratio_vs_untrained": final["mean_delta_sq"] / untrained["mean_delta_sq"],
         "epochs": history,
     }
     rm.trained = True
-    rm.training_info = {k: metrics[k] for k in ("best_epoch", "validation", "n_windows")} | {
+    rm.training_info = _json_safe({k: metrics[k] for k in (
+        "best_epoch", "validation", "n_documents", "n_tokens")}) | {
         "dataset": cfg.dataset, "max_tokens": cfg.max_tokens}
     rm.save_pretrained(out)
+    metrics = _json_safe(metrics)
     write_json(out / "metrics.json", metrics)
     plot_learning_curve(out / "learning_curve.png", history, untrained)
     return metrics
 
 
-def _untrained_copy(rm: TDRewardModel) -> TDRewardModel:
-    """The same reward with an untrained critic (V = 0): the baseline the trained one must beat."""
-    fresh = TDRewardModel.from_lm(rm.lm, rm.tokenizer, rm.base_model, rm.config)
-    fresh.critic.log_p0.copy_(rm.critic.log_p0)
-    return fresh
-
-
 def plot_learning_curve(path: Path, history: list[dict], untrained: dict) -> None:
+    """The four held-out diagnostics per epoch, the untrained critic's as a dashed line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -305,21 +348,22 @@ def plot_learning_curve(path: Path, history: list[dict], untrained: dict) -> Non
     if not history:
         return
     ep = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(ep, [h["train_td_mse"] for h in history], label="train")
-    a.plot(ep, [h["val_td_mse"] for h in history], label="validation")
-    a.axhline(untrained["td_mse"], color="grey", ls="--", label="untrained critic")
-    a.set(xlabel="epoch", ylabel="mean squared TD error", yscale="log")
-    a.legend()
-    b.plot(ep, [h["train_explained_variance"] for h in history], label="train")
-    b.plot(ep, [h["val_explained_variance"] for h in history], label="validation")
-    b.set(xlabel="epoch", ylabel="explained variance of G^lambda")
-    b.legend()
+    panels = [("mean_delta_sq_ratio", "mean delta^2 / untrained critic's", 1.0),
+              ("delta_r2", "delta-R^2 (0 for the true V)", untrained.get("delta_r2")),
+              ("corr_delta_H", "corr(delta, H) (0 for the true V)", untrained.get("corr_delta_H")),
+              ("ev_mc", "EV_MC (early stopping: highest)", untrained.get("ev_mc"))]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    for ax, (key, label, base) in zip(axes, panels):
+        ax.plot(ep, [h.get(key) for h in history], marker=".", label="held-out, trained")
+        if base is not None and not (isinstance(base, float) and math.isnan(base)):
+            ax.axhline(base, color="grey", ls="--", label="untrained (W = 0)")
+        ax.set(xlabel="epoch", title=label)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
 
 
-__all__ = ["CriticTrainingConfig", "build_feature_cache", "evaluate", "split_documents",
-           "terminal_states", "train_critic", "window_features"]
+__all__ = ["CriticTrainingConfig", "build_feature_cache", "doc_features", "evaluate",
+           "split_documents", "train_critic"]
