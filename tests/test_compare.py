@@ -95,6 +95,8 @@ def test_compare_cli_end_to_end(tmp_path, capsys) -> None:
     assert res["models"][SMOL]["prompt_format"] == "chat"  # instruct: its chat template
     assert res["models"][GEMMA]["prompt_format"] == "raw"  # base model: no template
     assert res["comparisons"][0]["a"] == SMOL and res["comparisons"][0]["b"] == GEMMA
+    assert "reference_matrix" not in res  # one reference without --reference_models
+    assert all("by_reference" not in m for m in res["models"].values())
     # Both models answered the same (prompt, seed) samples: the difference is paired.
     td = res["comparisons"][0]["td_reward"]
     assert td["paired"] is True and td["n_pairs"] == 2
@@ -104,6 +106,107 @@ def test_compare_cli_end_to_end(tmp_path, capsys) -> None:
     assert (out / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "TD reward" in printed and SMOL in printed and "(2 pairs)" in printed
+
+
+def _tiny_dir(tmp_path, tokenizer, name: str, seed: int, hidden: int) -> str:
+    """A tiny random LM saved as a transformers directory (a spec of its own)."""
+    lm = make_tiny_lm(len(tokenizer), seed=seed, hidden_size=hidden)
+    lm.config.pad_token_id = tokenizer.pad_token_id
+    path = tmp_path / name
+    lm.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_reference_matrix_scores_every_response_with_every_reference(
+        tokenizer, tmp_path, monkeypatch, capsys) -> None:
+    """--reference_models A B: each reference scores every model's responses (the cell
+    (m, ref) equals scoring m's responses with ref directly), each loads once and is freed
+    before the next; the critic of --reward_model_path serves only the reference with its
+    dimensions; differences and the self-preference gap are paired by prompt and seed."""
+    import gc
+    import weakref
+
+    import torch
+
+    from tdreward.evaluation import compare as compare_module
+    from tdreward.reward_model import load_reward_model
+    from tdreward.reward_settings import RewardSettings
+
+    a = _tiny_dir(tmp_path, tokenizer, "tiny_a", seed=1, hidden=32)
+    b = _tiny_dir(tmp_path, tokenizer, "tiny_b", seed=2, hidden=48)  # other dimensions
+    critic = tmp_path / "critic_a"  # a "trained" critic on a: random weights, not an untrained one
+    crm = load_reward_model(a, RewardSettings(), warn_untrained=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in crm.critic.parameters():
+            param.add_(0.2 * torch.randn_like(param))
+    crm.trained = True
+    crm.save_pretrained(critic)
+    del crm
+
+    loaded, alive = [], []
+    real_load = compare_module.load_reference
+
+    def load_once(spec, cfg, warn_untrained=True):
+        gc.collect()
+        assert all(ref() is None for ref in alive), "a reference still in memory"
+        loaded.append(spec)
+        model = real_load(spec, cfg, warn_untrained)
+        alive.append(weakref.ref(model.lm))
+        return model
+
+    monkeypatch.setattr(compare_module, "load_reference", load_once)
+    out = tmp_path / "exp"
+    rc = main(["experiment", "--models", a, b, "--reference_models", a, b,
+               "--reward_model_path", str(critic), "--num_samples", "3", "--max_new_tokens",
+               "6", "--output_dir", str(out), "--no_cache", "--trace_samples", "1"])
+    assert rc == 0
+    assert loaded == [b, a]  # each once; the first reference last (kept for the table)
+    res = json.loads((out / "results.json").read_text())
+    mat = res["reference_matrix"]
+    assert mat["references"] == [a, b] and mat["models"] == [a, b]
+    assert mat["critics"] == {a: "trained", b: "untrained"}
+    assert {(m, r) for m in mat["cells"] for r in mat["cells"][m]} == \
+        {(m, r) for m in (a, b) for r in (a, b)}
+    scorers = {a: load_reward_model(a, RewardSettings(reward_model_path=str(critic))),
+               b: load_reward_model(b, RewardSettings(), warn_untrained=False)}
+    rewards = {}
+    for m in (a, b):
+        model = res["models"][m]
+        chat = model["prompt_format"] == "chat"
+        for r in (a, b):
+            got = model["by_reference"][r]["rewards"]
+            want = [scorers[r].compute_td_reward(s["prompt"] + ("\n" if chat else ""),
+                                                 s["response"]) for s in model["samples"]]
+            assert got == pytest.approx(want, abs=1e-4)
+            cell = mat["cells"][m][r]
+            assert cell["n"] == 3 and cell["mean"] == pytest.approx(np.mean(want), abs=1e-4)
+            assert cell["ci95"][0] <= cell["mean"] <= cell["ci95"][1]
+            assert cell["own"] is (m == r)
+            rewards[m, r] = np.array(got)
+        # The summary table and its comparisons are the first reference's, as without the flag.
+        assert model["rewards"] == model["by_reference"][a]["rewards"]
+    # A trained critic on a and an untrained one give other rewards for the same responses.
+    untrained_a = load_reward_model(a, RewardSettings(), warn_untrained=False)
+    s0 = res["models"][a]["samples"][0]
+    assert abs(untrained_a.compute_td_reward(s0["prompt"] + "\n", s0["response"])
+               - scorers[a].compute_td_reward(s0["prompt"] + "\n", s0["response"])) > 1e-3
+    assert [(s["prompt"], s["seed"]) for s in res["models"][a]["samples"]] == \
+        [(s["prompt"], s["seed"]) for s in res["models"][b]["samples"]]
+    diffs = {d["reference"]: d["td_reward"] for d in mat["differences"]}
+    assert [(d["a"], d["b"]) for d in mat["differences"]] == [(a, b), (a, b)]
+    for r in (a, b):
+        assert diffs[r]["paired"] is True and diffs[r]["n_pairs"] == 3
+        assert diffs[r]["diff"] == pytest.approx(np.mean(rewards[b, r] - rewards[a, r]))
+    (gap,) = mat["self_preference"]
+    assert (gap["reference_a"], gap["reference_b"], gap["n_pairs"]) == (a, b, 3)
+    assert gap["diff"] == pytest.approx(np.mean((rewards[a, a] - rewards[b, a])
+                                                + (rewards[b, b] - rewards[a, b])))
+    page = (out / "report.html").read_text()
+    assert "TD reward by reference model" in page and "Self-preference" in page
+    printed = capsys.readouterr().out
+    assert "self-preference" in printed and "under " in printed
 
 
 def test_generation_cache_resumes(rm, tmp_path) -> None:
@@ -146,7 +249,9 @@ def test_experiment_report_and_self_score(tmp_path) -> None:
     assert res["command"] == "experiment" and len(res["models"][SMOL]["rewards"]) == 3
     ss = res["self_scores"]["models"][SMOL]
     assert ss["perplexity"] > 1 and ss["bits_per_byte"] > 0 and ss["critic"] == "untrained"
-    assert ss["td_reward"] == pytest.approx(ss["mean_r"])  # untrained critic: delta = r
+    # Untrained critic: V = rbar + gamma m/(1-gamma), so delta is surprise relative to the LM's
+    # own expectation, centred near 0, no longer r (always < 0).
+    assert ss["mean_r"] < 0 and abs(ss["td_reward"]) < abs(ss["mean_r"])
     page = (out / "report.html").read_text()
     assert "data:image/png;base64," in page and "mean TD reward" in page
     assert page.count("class='tok'") > 5  # dopamine traces of the responses

@@ -88,6 +88,76 @@ def test_paired_drops_incomplete_pairs_and_falls_back_without_partners() -> None
     assert td["diff"] == pytest.approx(0.0) and td["ci95"][1] - td["ci95"][0] > 0.05
 
 
+GEMMA = "embedded:gemma3-270m"
+
+
+def _with_references(model: dict, by_ref: dict[str, list[float]]) -> dict:
+    model["by_reference"] = {r: {"critic": "untrained", "rewards": v} for r, v in by_ref.items()}
+    return model
+
+
+def test_reference_matrix_pairs_by_prompt_and_seed_not_by_position(capsys) -> None:
+    """The second model's samples come in another order: differences and the self-preference
+    gap pair each sample with the one of the same prompt and seed."""
+    from tdreward.evaluation.compare import reference_matrix
+    from tdreward.evaluation.report import report_html
+
+    rng = np.random.default_rng(3)
+    n = 8
+    prompts, seeds = [f"prompt {i % 3}" for i in range(n)], list(range(n))
+    # Rewards under each reference, per sample i (in a's order): a prompt effect shared by
+    # both models plus noise, and each reference kinder to its own model by 0.3.
+    effect = rng.normal(0, 1.0, n)
+    r = {(m, ref): effect + rng.normal(0, 0.1, n) + (0.3 if m == ref else 0.0)
+         for m in (SMOL, GEMMA) for ref in (SMOL, GEMMA)}
+    perm = rng.permutation(n)  # b's sample j is a's sample perm[j]
+    a = _with_references(_model(list(r[SMOL, SMOL]), prompts, seeds),
+                         {ref: list(r[SMOL, ref]) for ref in (SMOL, GEMMA)})
+    b = _with_references(_model([r[GEMMA, SMOL][i] for i in perm], [prompts[i] for i in perm],
+                                [seeds[i] for i in perm]),
+                         {ref: [r[GEMMA, ref][i] for i in perm] for ref in (SMOL, GEMMA)})
+    mat = reference_matrix({SMOL: a, GEMMA: b}, n_boot=2000)
+    assert mat["references"] == [SMOL, GEMMA]
+    assert mat["cells"][SMOL][SMOL]["own"] and mat["cells"][GEMMA][GEMMA]["own"]
+    assert not mat["cells"][SMOL][GEMMA]["own"] and not mat["cells"][GEMMA][SMOL]["own"]
+    assert mat["cells"][GEMMA][SMOL]["mean"] == pytest.approx(np.mean(r[GEMMA, SMOL]))
+    assert mat["cells"][GEMMA][SMOL]["n"] == n
+    assert [d["reference"] for d in mat["differences"]] == [SMOL, GEMMA]
+    for d in mat["differences"]:
+        ref, td = d["reference"], d["td_reward"]
+        per_pair = r[GEMMA, ref] - r[SMOL, ref]  # the prompt effect cancels in each pair
+        assert td["paired"] and td["n_pairs"] == n
+        assert td["diff"] == pytest.approx(np.mean(per_pair))
+        assert td["ci95"] == pytest.approx(stats.bootstrap_ci(per_pair, 2000))
+        # Paired by position, the prompt effects would stay in: a far wider spread.
+        by_position = np.array([r[GEMMA, ref][perm[i]] - r[SMOL, ref][i] for i in range(n)])
+        assert np.ptp(by_position) > 3 * np.ptp(per_pair)
+    assert mat["differences"][0]["td_reward"]["ci95"][1] < 0  # SMOL's reference prefers SMOL
+    assert mat["differences"][1]["td_reward"]["ci95"][0] > 0  # GEMMA's prefers GEMMA
+    (gap,) = mat["self_preference"]
+    assert (gap["a"], gap["b"], gap["reference_a"], gap["reference_b"]) == \
+        (SMOL, GEMMA, SMOL, GEMMA)
+    per_pair = (r[SMOL, SMOL] - r[GEMMA, SMOL]) + (r[GEMMA, GEMMA] - r[SMOL, GEMMA])
+    assert gap["diff"] == pytest.approx(np.mean(per_pair)) and gap["n_pairs"] == n
+    assert gap["ci95"] == pytest.approx(stats.bootstrap_ci(per_pair, 2000))
+    assert gap["ci95"][0] > 0.2  # 0.6 built in
+    # Shown in the terminal and in the report.
+    res = _results({SMOL: a, GEMMA: b}) | {"reference_matrix": mat}
+    print_results(res)
+    out = capsys.readouterr().out
+    assert "TD reward by reference model" in out and f"self-preference {SMOL} vs {GEMMA}" in out
+    assert f"under {GEMMA}: {GEMMA} − {SMOL}" in out and f"({n} pairs)" in out
+    res |= {"config": {"num_samples": n, "max_new_tokens": 8, "temperature": 0.7,
+                       "top_p": 1.0, "seed": 0}, "prompts_file": "prompts.jsonl"}
+    page = report_html(res, {})
+    assert "TD reward by reference model" in page and "<h3>Self-preference</h3>" in page
+    cell = mat["cells"][SMOL][SMOL]
+    assert f"{fmt_num(cell['mean'], '.4g')} [" in page and f"n={n} *" in page
+    assert not NEGATIVE_ZERO.search(page)
+    # Without several references: no matrix, nothing shown.
+    assert reference_matrix({SMOL: _model([0.1], ["p"], [0])}) is None
+
+
 # --------------------------------------------------------------------------- numbers
 def test_no_negative_zero_and_shares_as_percentages() -> None:
     assert fmt_num(-1e-5, ".3f") == "0.000"
@@ -175,7 +245,8 @@ def _score(n: int, r_scale: float, v_offset: float) -> TextScore:
     v = list(v_offset + rng.normal(0, 1.0, n))
     delta = [x - 0.01 for x in r]
     return TextScore(token_ids=list(range(n)), tokens=[f"t{i}" for i in range(n)],
-                     logp=[-1.0] * n, c=[0.0] * n, H=[1.0] * n, r=r, V=v, delta=delta,
+                     logp=[-1.0] * n, c=[0.0] * n, H=[1.0] * n, r=r, rbar=[0.0] * n, V=v,
+                     delta=delta,
                      belief=[[0.5, 0.5]] * n, state_names=["a", "b"],
                      summary={"td_reward": -1e-5, "mean_r": float(np.mean(r)), "return": 0.0,
                               "perplexity": 3.0, "n_tokens": n})
@@ -216,7 +287,7 @@ def test_plot_puts_r_and_v_on_separate_axes(tmp_path) -> None:
                        for label in ("r", "V")}
             (ax_r,), (ax_v,) = axes_of["r"], axes_of["V"]
             assert ax_r is not ax_v
-            assert ax_r.get_legend_handles_labels()[1] == ["r"]
+            assert ax_r.get_legend_handles_labels()[1] == ["r", "rbar"]
             assert ax_v.get_legend_handles_labels()[1] == ["V"]
             lo, hi = ax_r.get_ylim()
             assert hi - lo < 2  # r's own scale, not V's

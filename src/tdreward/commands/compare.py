@@ -79,7 +79,15 @@ def print_results(results: dict, samples: int = 0) -> None:
     from rich.table import Table
 
     from tdreward.display import fmt_num, print_table
-    from tdreward.evaluation.report import SUMMARY_HEADER, pairing, summary_rows
+    from tdreward.evaluation.report import (
+        SELF_PREFERENCE_NOTE,
+        SUMMARY_HEADER,
+        matrix_difference_rows,
+        matrix_table,
+        pairing,
+        self_preference_rows,
+        summary_rows,
+    )
 
     console = Console(width=None if sys.stdout.isatty() else 160)
     rm = results["reward_model"]
@@ -98,6 +106,25 @@ def print_results(results: dict, samples: int = 0) -> None:
                       f"response words {fmt_num(w['diff'], '+.1f')} "
                       f"[{fmt_num(w['ci95'][0], '+.1f')}, {fmt_num(w['ci95'][1], '+.1f')}] "
                       f"({pairing(td)})", highlight=False, markup=False)
+    matrix = matrix_table(results)
+    if matrix:
+        header, rows = matrix
+        table = Table(title="TD reward by reference model: mean [95% CI] n (* scored by its "
+                      "own weights)")
+        for col in header:
+            table.add_column(col, justify="left" if col == header[0] else "right",
+                             overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        print_table(table, console)
+        for ref, pair, diff, ci, _, how in matrix_difference_rows(results):
+            console.print(f"under {ref}: {pair}: TD reward {diff} {ci} ({how})",
+                          highlight=False, markup=False)
+        for pair, _, gap, ci, how in self_preference_rows(results):
+            console.print(f"self-preference {pair}: {gap} {ci} ({how})", highlight=False,
+                          markup=False)
+        if self_preference_rows(results):
+            console.print(SELF_PREFERENCE_NOTE, highlight=False, markup=False)
     for m, v in (results.get("self_scores") or {}).get("models", {}).items():
         if "skipped" in v:
             console.print(f"self-score {m}: skipped ({v['skipped']})", highlight=False)

@@ -6,7 +6,10 @@ with one TD reward model, summarise, save.
    interrupted run resumes without redoing finished samples.
 2. One reward model (`base_model` + `reward_model_path`) scores every response: servers do not
    return log-probs of a given text, so the reward comes from the reference LM reading the
-   prompt and the response; only the response's tokens count.
+   prompt and the response; only the response's tokens count. With `reference_models`, each
+   of several reference LMs scores every response in turn (loaded once, freed before the
+   next): a models x references matrix, paired differences of every pair of models under
+   each reference, and the self-preference gap of models that are also references.
 3. Per model: mean, median, std, 95% bootstrap CI, min, max and every TD reward, the share of
    negative rewards, response lengths; differences against the first model with bootstrap CIs
    of the per-sample differences (paired by prompt and seed; unpaired if samples lack a
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import time
@@ -148,7 +152,8 @@ def _response_part(s: TextScore, start: int, gamma: float) -> tuple[dict, TextSc
                "perplexity": math.exp(-sum(logp) / n), "n_tokens": n,
                "negative_tokens": sum(d < 0 for d in delta)}
     part = TextScore(token_ids=s.token_ids[start:], tokens=s.tokens[start:], logp=logp,
-                     c=s.c[start:], H=s.H[start:], r=r, V=s.V[start:], delta=delta,
+                     c=s.c[start:], H=s.H[start:], r=r, rbar=s.rbar[start:], V=s.V[start:],
+                     delta=delta,
                      belief=s.belief[start:], state_names=s.state_names,
                      summary={k: v for k, v in summary.items() if k != "negative_tokens"})
     return summary, part
@@ -242,6 +247,74 @@ def paired_difference(a: list[float | None], keys_a: list[tuple], b: list[float 
         | {"paired": False, "n_pairs": 0, "unpaired_reason": reason}
 
 
+def _partners(ma: dict, mb: dict) -> tuple[list[int] | None, str | None]:
+    """For each sample of a, the index of b's sample with the same (prompt, seed) key; None
+    and the reason when the two models did not answer the same samples."""
+    ka, kb = pair_keys(ma["samples"]), pair_keys(mb["samples"])
+    if set(ka) != set(kb):
+        missing = len(set(ka) ^ set(kb))
+        return None, f"{missing} samples have no partner with the same prompt and seed"
+    where = {k: i for i, k in enumerate(kb)}
+    return [where[k] for k in ka], None
+
+
+def _b_minus_a(ma: dict, mb: dict, partners: list[int], ref: str) -> list[float | None]:
+    """Per sample of a: b's TD reward minus a's under reference `ref` (None if one is
+    missing)."""
+    ra, rb = ma["by_reference"][ref]["rewards"], mb["by_reference"][ref]["rewards"]
+    return [None if x is None or rb[j] is None else rb[j] - x for x, j in zip(ra, partners)]
+
+
+def reference_matrix(models: dict[str, dict], n_boot: int = stats.N_BOOT) -> dict | None:
+    """The models x references view of a run with several reference LMs (models[m]
+    ["by_reference"], from compare_models): per cell the TD reward's statistics (mean, its
+    95% bootstrap CI, n, ...) and whether the model is the reference itself (`own`); the
+    paired difference (b - a, same prompt and seed) of every pair of models under every
+    reference; and, for two models that are both references, the self-preference gap:
+    (a - b under a's reference) + (b - a under b's reference), per (prompt, seed) pair, with
+    its paired bootstrap CI. A positive gap means each reference is kinder to its own model.
+    None when the run had one reference (no `reference_models`)."""
+    names = [m for m in models if "by_reference" in models[m]]
+    if not names:
+        return None
+    refs = list(models[names[0]]["by_reference"])
+    own = {m: next((r for r in refs if same_model(m, r)), None) for m in names}
+    cells = {m: {r: stats.describe(models[m]["by_reference"][r]["rewards"], n_boot)
+                 | {"own": own[m] == r} for r in refs} for m in names}
+    critics = {r: models[names[0]]["by_reference"][r]["critic"] for r in refs}
+    differences, self_preference = [], []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ka, kb = pair_keys(models[a]["samples"]), pair_keys(models[b]["samples"])
+            for r in refs:
+                differences.append({"reference": r, "a": a, "b": b, "td_reward": paired_difference(
+                    models[a]["by_reference"][r]["rewards"], ka,
+                    models[b]["by_reference"][r]["rewards"], kb, n_boot)})
+            if own[a] is None or own[b] is None or own[a] == own[b]:
+                continue
+            entry = {"a": a, "b": b, "reference_a": own[a], "reference_b": own[b]}
+            partners, reason = _partners(models[a], models[b])
+            if partners is None:
+                self_preference.append(entry | {"diff": None, "ci95": [None, None],
+                                                "n_pairs": 0, "unpaired_reason": reason})
+                continue
+            # b - a under a's reference, then under b's: the gap is their paired difference.
+            gap = stats.compare_paired(_b_minus_a(models[a], models[b], partners, own[a]),
+                                       _b_minus_a(models[a], models[b], partners, own[b]),
+                                       n_boot)
+            self_preference.append(entry | {k: gap[k] for k in ("diff", "ci95", "n_pairs")})
+    return {"references": refs, "models": names, "critics": critics, "cells": cells,
+            "differences": differences, "self_preference": self_preference}
+
+
+def same_model(model: str, reference: str) -> bool:
+    """Whether generating `model` and scoring with `reference` use the same weights (an
+    embedded model on llama.cpp and the same one dequantised in transformers)."""
+    from tdreward.evaluation.selfscore import scoring_spec
+
+    return scoring_spec(model) == scoring_spec(reference)
+
+
 def comparisons(models: dict[str, dict], n_boot: int = stats.N_BOOT) -> list[dict]:
     """Each model against the first: differences of mean TD reward and of lengths, paired by
     prompt and seed (the models answered the same samples; see paired_difference)."""
@@ -268,20 +341,80 @@ def load_scorer(cfg: CompareConfig) -> TDRewardModel:
     return load_reward_model(cfg.base_model, cfg.reward, verbose=cfg.verbose)
 
 
+def load_reference(spec: str, cfg: CompareConfig, warn_untrained: bool = True
+                   ) -> TDRewardModel:
+    """One of `cfg.reference_models` as a reward model. The critic of
+    `--reward_model_path` goes to a reference with its hidden and vocabulary sizes (read from
+    the model's metadata, else from the loaded model, as for self-scores); any other
+    reference gets an untrained critic with the same reward weight overrides. Without a
+    critic the usual warning is logged if `warn_untrained`."""
+    from tdreward.backends.hf import load_model
+    from tdreward.backends.model_info import model_dims
+    from tdreward.critic_files import read_critic_config
+
+    lm, tok = load_model(spec, verbose=cfg.verbose)
+    settings = cfg.reward
+    if settings.reward_model_path:
+        meta = read_critic_config(Path(settings.reward_model_path))
+        dims = model_dims(spec)
+        if dims is None:
+            head = lm.get_output_embeddings()
+            dims = (lm.config.hidden_size, head.weight.shape[0] if head is not None else None)
+        if dims != (meta["hidden_size"], meta["vocab_size"]):
+            log.warning("--reward_model_path was trained on %s; reference %s (hidden size %s, "
+                        "vocabulary %s) is scored with an untrained critic", meta["base_model"],
+                        spec, *dims)
+            settings = dataclasses.replace(settings, reward_model_path=None)
+    return load_reward_model(spec, settings, lm=lm, tokenizer=tok, verbose=cfg.verbose,
+                             model_flag="--reference_models",
+                             warn_untrained=warn_untrained and not cfg.reward.reward_model_path)
+
+
 def compare_models(cfg: CompareConfig, prompts: list[str], rm: TDRewardModel | None = None
                    ) -> tuple[dict, dict[str, list[TextScore | None]], TDRewardModel]:
-    """Generate, score and summarise every model on `num_samples` samples of `prompts`."""
+    """Generate, score and summarise every model on `num_samples` samples of `prompts`.
+
+    `rm` (optional): the already loaded reward model of the first reference. With
+    `cfg.reference_models`, every reference scores every response, one reference loaded at a
+    time (the first last, kept and returned: it gives the table, the traces and the
+    self-scores); each model's `by_reference` holds every reference's per-sample rewards."""
     for m in cfg.models:  # a model this backend cannot run fails before any work
         backend_for(parse_spec(m), cfg.backend)
     sample_prompts = [prompts[i % len(prompts)] for i in range(cfg.num_samples)]
     seeds = [(cfg.seed + i) & 0x7FFFFFFF for i in range(cfg.num_samples)]
     cache = GenerationCache(None if cfg.no_cache else (cfg.cache_dir or default_cache_dir()))
     generated = {m: generate_samples(m, sample_prompts, seeds, cfg, cache) for m in cfg.models}
-    rm = rm or load_scorer(cfg)
     models, traces = {}, {}
+    if not cfg.reference_models:
+        rm = rm or load_scorer(cfg)
+        for m, (gens, info) in generated.items():
+            summaries, traces[m] = score_responses(rm, gens, cfg.batch_size)
+            models[m] = summarise_model(gens, summaries, info, cfg.bootstrap)
+        return models, traces, rm
+    refs = list(cfg.reference_models)
+    first = refs[0]
+    by_ref: dict[str, dict[str, dict]] = {m: {} for m in generated}
+    first_summaries: dict[str, list[dict | None]] = {}
+    order = [*refs[1:], first]
+    for ref in order:
+        scorer = (rm if ref == first and rm is not None else
+                  load_reference(ref, cfg, warn_untrained=ref == order[0]))
+        log.info("scoring every response with reference %s (%s critic)", ref,
+                 "trained" if scorer.trained else "untrained")
+        for m, (gens, _) in generated.items():
+            summaries, tr = score_responses(scorer, gens, cfg.batch_size)
+            by_ref[m][ref] = {"critic": "trained" if scorer.trained else "untrained",
+                              "rewards": [s["td_reward"] if s else None for s in summaries]}
+            if ref == first:
+                first_summaries[m], traces[m] = summaries, tr
+        if ref == first:
+            rm = scorer
+        else:  # free this reference before the next one loads
+            del scorer
+            gc.collect()
     for m, (gens, info) in generated.items():
-        summaries, traces[m] = score_responses(rm, gens, cfg.batch_size)
-        models[m] = summarise_model(gens, summaries, info, cfg.bootstrap)
+        models[m] = summarise_model(gens, first_summaries[m], info, cfg.bootstrap)
+        models[m]["by_reference"] = {r: by_ref[m][r] for r in refs}
     return models, traces, rm
 
 
@@ -303,6 +436,9 @@ def run_compare(cfg: CompareConfig) -> dict:
         "models": models,
         "comparisons": comparisons(models, cfg.bootstrap),
     }
+    matrix = reference_matrix(models, cfg.bootstrap)
+    if matrix is not None:
+        results["reference_matrix"] = matrix
     if cfg.self_score:
         from tdreward.evaluation.selfscore import self_score_models
 
@@ -323,5 +459,6 @@ def run_compare(cfg: CompareConfig) -> dict:
 
 
 __all__ = ["CompareConfig", "DEFAULT_MODELS", "bundled_data", "compare_models", "comparisons",
-           "generate_samples", "load_prompt_texts", "pair_keys", "paired_difference",
-           "run_compare", "score_responses"]
+           "generate_samples", "load_prompt_texts", "load_reference", "pair_keys",
+           "paired_difference", "reference_matrix", "run_compare", "same_model",
+           "score_responses"]

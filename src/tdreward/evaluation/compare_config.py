@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from tdreward.errors import TDRewardError
@@ -116,6 +117,14 @@ class CompareConfig(ServerSettings):
     base_model: str = setting(DEFAULT_MODEL, help="the reward model's reference LM (must "
                               "match --reward_model_path)")
     reward: RewardSettings = field(default_factory=RewardSettings, metadata={"help": "nested"})
+    reference_models: list[str] | None = setting(
+        None, help="score every response with each of these reference LMs, to see "
+        "self-preference (a reference judging its own model's text): a models x references "
+        "matrix of TD rewards, paired differences under each reference and the self-preference "
+        "gap; the first replaces --base_model in the table, differences, traces and "
+        "self-scores; --reward_model_path serves the references with its dimensions, the "
+        "others get an untrained critic",
+        default_help="--base_model alone")
     self_score: bool = setting(False, help="also score models that can score text on a "
                                "corpus by their own predictions")
     self_score_corpus: str | None = setting(
@@ -132,8 +141,11 @@ class CompareConfig(ServerSettings):
     command: str = "compare"  # recorded in results.json
     def __post_init__(self) -> None:
         super().__post_init__()
-        # The critic against the reference LM, before any generation or model load.
-        self.reward.check_fits(self.base_model, "--base_model")
+        # The critic against the reference LM(s), before any generation or model load.
+        if self.reference_models is None:
+            self.reward.check_fits(self.base_model, "--base_model")
+        else:
+            check_reference_models(self.reference_models, self.reward)
         validate(self, {"self_score_chars": ">=1", "trace_samples": ">=0", "bootstrap": ">=1"})
         if not self.models:
             raise TDRewardError("no models to compare: give --models")
@@ -142,6 +154,52 @@ class CompareConfig(ServerSettings):
         for m in self.models:
             parse_spec(m)  # a bad spec fails here, before any work
         check_output_dir(self.output_dir, "--output_dir")
+
+
+def check_reference_models(refs: list[str], reward: RewardSettings) -> None:
+    """--reference_models, before anything loads: known specs that can score text (hub ids,
+    directories, gguf:, embedded:), each once, and a critic that fits one of them."""
+    flag = "--reference_models"
+    if not refs:
+        raise TDRewardError(f"{flag} names no model")
+    if len(set(refs)) != len(refs):
+        raise TDRewardError(f"{flag} names a model twice")
+    for ref in refs:
+        try:
+            spec = parse_spec(ref)  # an unknown prefix fails here
+        except TDRewardError as e:
+            raise TDRewardError(f"{flag}: {e}") from e
+        if spec.kind not in ("hf", "gguf", "embedded"):
+            hint = (f" (for its weights in transformers give gguf:{spec.target})"
+                    if spec.kind == "llamacpp" else
+                    " (servers do not return log-probs of a given text)")
+            raise TDRewardError(f"{flag} {ref!r} cannot score text here: give a hub id, a "
+                                f"directory, gguf:PATH or embedded:NAME{hint}")
+        name = (spec.target if spec.kind == "embedded" else
+                spec.target.removeprefix("embedded:") if spec.target.startswith("embedded:")
+                else None)
+        if name is not None:
+            from tdreward.backends.embedded import EMBEDDED, is_installed
+
+            if name not in EMBEDDED:
+                raise TDRewardError(f"{flag} {ref!r}: unknown embedded model {name!r}; "
+                                    f"available: {', '.join(EMBEDDED)}")
+            if not is_installed(name):
+                raise TDRewardError(f"{flag} {ref!r}: embedded model {name!r} is not "
+                                    f"installed; run `{EMBEDDED[name].install}`")
+        elif spec.kind == "gguf" and not Path(spec.target).expanduser().is_file():
+            raise TDRewardError(f"{flag} {ref!r}: no GGUF file at {spec.target}")
+    if reward.reward_model_path:
+        meta = reward.check_fits(None, flag)
+        from tdreward.backends.model_info import model_dims
+
+        want = (meta["hidden_size"], meta["vocab_size"])
+        dims = [model_dims(ref) for ref in refs]
+        if all(d is not None and d != want for d in dims):
+            raise TDRewardError(
+                f"--reward_model_path {reward.reward_model_path} was trained on "
+                f"{meta['base_model']} (hidden size {want[0]}, vocabulary {want[1]}), and no "
+                f"model of {flag} has those dimensions: add {meta['base_model']} to {flag}")
 
 
 @dataclass
@@ -166,6 +224,7 @@ class TestInstructConfig(CompareConfig):
     with_base: bool = setting(False, help="also generate with --base_model and compare")
     models: list[str] = field(default_factory=list, init=False)
     output_dir: str = restate(CompareConfig, "output_dir", "test_instruct_out")
+    reference_models: list[str] | None = restate(CompareConfig, "reference_models", flag=False)
     self_score: bool = restate(CompareConfig, "self_score", flag=False)
     self_score_corpus: str | None = restate(CompareConfig, "self_score_corpus", flag=False)
     self_score_config: str | None = restate(CompareConfig, "self_score_config", flag=False)
@@ -181,4 +240,5 @@ class TestInstructConfig(CompareConfig):
 
 
 __all__ = ["DEFAULT_MODELS", "GENERATION_RULES", "CompareConfig", "ExperimentConfig",
-           "GenerationSettings", "ServerSettings", "TestInstructConfig", "restate"]
+           "GenerationSettings", "ServerSettings", "TestInstructConfig",
+           "check_reference_models", "restate"]

@@ -31,7 +31,9 @@ def write_comparison_plot(path: str | os.PathLike, results: dict) -> None:
     names = list(models)
     labels = [_short(m) for m in names]
     x = np.arange(len(names))
-    fig, axes = plt.subplots(1, 3, figsize=(5 + 2.6 * len(names), 4.4))
+    matrix = results.get("reference_matrix")
+    panels = 3 + (matrix is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(5 + 2.6 * len(names) * panels / 3, 4.4))
     ax = axes[0]
     means = [models[m]["td_reward"]["mean"] or 0.0 for m in names]
     lo = [m - (models[n]["td_reward"]["ci95"][0] if models[n]["td_reward"]["ci95"][0]
@@ -58,14 +60,41 @@ def write_comparison_plot(path: str | os.PathLike, results: dict) -> None:
             ax.axhline(0, color="grey", lw=0.8)
         ax.set(xticks=x, title=title)
         ax.set_xticklabels(labels, rotation=15, ha="right")
+    if matrix is not None:
+        _matrix_panel(axes[3], matrix, np)
     n = results["config"]["num_samples"]
     fig.suptitle(f"tdreward {results.get('command', 'compare')}: {n} samples per model, reward "
                  f"model {_short(results['reward_model']['base_model'])}"
-                 + ("" if results["reward_model"]["trained"] else " (untrained critic)"))
+                 + ("" if results["reward_model"]["trained"] else " (untrained critic)")
+                 + (f", the first of {len(matrix['references'])} references" if matrix else ""))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def _matrix_panel(ax, matrix: dict, np) -> None:
+    """Mean TD reward of each model (groups) under each reference (bars), 95% CIs; a hatched
+    bar is a model scored by its own weights."""
+    names, refs = matrix["models"], matrix["references"]
+    width = 0.8 / len(refs)
+    for j, ref in enumerate(refs):
+        cells = [matrix["cells"][m][ref] for m in names]
+        means = np.array([c["mean"] if c["mean"] is not None else np.nan for c in cells])
+        lo = [c["mean"] - c["ci95"][0] if c["mean"] is not None else 0.0 for c in cells]
+        hi = [c["ci95"][1] - c["mean"] if c["mean"] is not None else 0.0 for c in cells]
+        pos = np.arange(len(names)) - 0.4 + width * (j + 0.5)
+        bars = ax.bar(pos, means, width, yerr=[lo, hi], capsize=4, color=f"C{j + 3}",
+                      alpha=0.8, label=f"ref. {_short(ref)}")
+        for bar, c in zip(bars, cells):
+            if c["own"]:
+                bar.set_hatch("//")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set(xticks=np.arange(len(names)), title="TD reward by reference")
+    ax.set_xticklabels([_short(m) for m in names], rotation=15, ha="right")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi + 0.12 * len(refs) * (hi - lo))  # room for the legend above the bars
+    ax.legend(fontsize=7, loc="upper left", title="hatched: its own", title_fontsize=7)
 
 
 def _fmt(v, digits: int = 4) -> str:
@@ -102,6 +131,58 @@ def pairing(diff: dict) -> str:
     return f"unpaired ({reason})" if reason else "unpaired"
 
 
+def _ci(ci: list, digits: int = 4, sign: str = "") -> str:
+    if ci[0] is None:
+        return "–"
+    return f"[{fmt_num(ci[0], sign + f'.{digits}g')}, {fmt_num(ci[1], sign + f'.{digits}g')}]"
+
+
+def matrix_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
+    """The models x references matrix as (header, rows) of plain text, shared by the report
+    and the terminal: "mean [95% CI] n=N" per cell, "*" on a model scored by its own
+    weights. None without several references."""
+    mat = results.get("reference_matrix")
+    if not mat:
+        return None
+    header = ["model \\ reference"] + [
+        r + ("" if mat["critics"][r] == "trained" else " (untrained critic)")
+        for r in mat["references"]]
+    rows = []
+    for m in mat["models"]:
+        row = [m]
+        for r in mat["references"]:
+            c = mat["cells"][m][r]
+            row.append(f"{_fmt(c['mean'])} {_ci(c['ci95'])} n={c['n']}"
+                       + (" *" if c["own"] else ""))
+        rows.append(row)
+    return header, rows
+
+
+def matrix_difference_rows(results: dict) -> list[list[str]]:
+    """Per reference, each pair's paired difference: [reference, "b − a", diff, CI, d,
+    pairing]."""
+    return [[d["reference"], f"{d['b']} − {d['a']}", fmt_num(d["td_reward"]["diff"], "+.4g"),
+             _ci(d["td_reward"]["ci95"], sign="+"), _fmt(d["td_reward"]["cohens_d"], 3),
+             pairing(d["td_reward"])]
+            for d in (results.get("reference_matrix") or {}).get("differences", [])]
+
+
+def self_preference_rows(results: dict) -> list[list[str]]:
+    """[models, own references, gap, CI, pairs] for each pair of models that are references."""
+    rows = []
+    for g in (results.get("reference_matrix") or {}).get("self_preference", []):
+        rows.append([f"{g['a']} vs {g['b']}", f"{g['reference_a']}, {g['reference_b']}",
+                     fmt_num(g["diff"], "+.4g"), _ci(g["ci95"], sign="+"),
+                     f"{g['n_pairs']} pairs" if g["n_pairs"] else
+                     f"unpaired ({g.get('unpaired_reason', '')})"])
+    return rows
+
+
+SELF_PREFERENCE_NOTE = (
+    "Self-preference gap: (a − b under a's reference) + (b − a under b's reference), per "
+    "(prompt, seed) pair, mean with its paired bootstrap 95% CI. Positive: each reference "
+    "is kinder to its own model than the other reference is.")
+
 SUMMARY_HEADER = ["model", "n", "mean TD reward", "95% CI", "median", "std", "min", "max",
                   "neg. share", "neg. token share", "words", "tokens", "prompt"]
 
@@ -134,7 +215,9 @@ def report_html(results: dict, traces: dict[str, list[TextScore | None]],
              f"</code>, critic <code>{html.escape(str(rm['path']))}</code>. Only the response's "
              "tokens count towards a sample's TD reward (mean &delta; over them).</p>"]
     if not rm["trained"]:
-        parts.append("<p class='note'>No trained critic: V = 0 and &delta; = r.</p>")
+        parts.append("<p class='note'>No trained critic: V is its learning-free part (the reference LM's "
+                     "expected reward rbar plus the reward centre), so &delta; is surprise relative "
+                     "to the reference's own expectation.</p>")
     parts.append(_table(SUMMARY_HEADER, summary_rows(results)))
     if results.get("comparisons"):
         rows = []
@@ -148,6 +231,25 @@ def report_html(results: dict, traces: dict[str, list[TextScore | None]],
                      "where both models answered the same samples; the CI resamples the pairs."
                      "</p>" + _table(["models", "TD reward diff", "95% CI", "Cohen's d",
                                       "words diff", "95% CI", "pairing"], rows))
+    matrix = matrix_table(results)
+    if matrix:
+        header, rows = matrix
+        mat = results["reference_matrix"]
+        parts.append(
+            "<h2>TD reward by reference model</h2><p>Every response scored by each reference "
+            f"LM ({len(mat['references'])}); the table above uses the first. Mean TD reward "
+            "[95% bootstrap CI] n; * marks a model scored by its own weights (self-preference)."
+            "</p>" + _table(header, [[html.escape(c) for c in row] for row in rows]))
+        parts.append("<h3>Differences under each reference</h3><p>Paired by prompt and seed."
+                     "</p>" + _table(["reference", "models", "TD reward diff", "95% CI",
+                                      "Cohen's d", "pairing"],
+                                     [[html.escape(c) for c in row]
+                                      for row in matrix_difference_rows(results)]))
+        sp = self_preference_rows(results)
+        if sp:
+            parts.append(f"<h3>Self-preference</h3><p>{html.escape(SELF_PREFERENCE_NOTE)}</p>"
+                         + _table(["models", "own references", "gap", "95% CI", "pairing"],
+                                  [[html.escape(c) for c in row] for row in sp]))
     if results.get("self_scores"):
         ss = results["self_scores"]
         rows = [[html.escape(m)] + ([_fmt(v.get(k)) for k in ("perplexity", "bits_per_byte",
@@ -191,5 +293,6 @@ def write_report(path: str | os.PathLike, results: dict,
     write_text(path, report_html(results, traces, trace_samples, png))
 
 
-__all__ = ["SUMMARY_HEADER", "pairing", "report_html", "summary_rows",
+__all__ = ["SELF_PREFERENCE_NOTE", "SUMMARY_HEADER", "matrix_difference_rows", "matrix_table",
+           "pairing", "report_html", "self_preference_rows", "summary_rows",
            "write_comparison_plot", "write_report"]

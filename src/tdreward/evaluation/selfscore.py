@@ -4,8 +4,8 @@ across tokenizers), mean immediate reward r and TD reward.
 
 The TD reward needs a critic on the model's own hidden states: the trained critic is used when
 the model is the reward model's reference LM, or has the same hidden and vocabulary sizes (a
-fine-tune of it); other models get an untrained critic (V = 0, so TD reward = mean r), and the
-result says so.
+fine-tune of it); other models get an untrained critic (V = rbar + the reward centre: the
+learning-free part of the value), and the result says so.
 """
 
 from __future__ import annotations
