@@ -1,7 +1,8 @@
 """How good is a critic's V? Well-posed diagnostics on held-out documents, against baselines.
 
     python benchmarks/critic_quality.py --heldout data/wikitext-2/wiki.test.small.raw \\
-        [--critic D ...] [--model SPEC] [--max_docs N] [--skip_docs K] [--json OUT]
+        [--critic D ...] [--model SPEC] [--max_docs N] [--skip_docs K] [--docs I ...]
+        [--json OUT]
 
 Scores the held-out articles with the reference LM (loaded once, shared by every critic) and
 prints one table, a row per value function V:
@@ -66,12 +67,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--heldout", required=True, help="held-out corpus file (WikiText raw: "
                    "one document per article) or folder")
-    p.add_argument("--critic", action="append", default=[], metavar="D",
+    p.add_argument("--critic", nargs="+", action="extend", default=[], metavar="D",
                    help="a trained critic folder (repeatable)")
     p.add_argument("--model", default=None, help="reference LM spec (default: the first "
                    "critic's base model, else the shipped default)")
     p.add_argument("--max_docs", type=int, default=None, help="documents to score")
     p.add_argument("--skip_docs", type=int, default=0, help="documents to skip first")
+    p.add_argument("--docs", type=int, nargs="+", default=None, metavar="I",
+                   help="score these documents only (0-based indices; after --skip_docs)")
     p.add_argument("--batch_size", type=int, default=1, help="documents per LM batch")
     p.add_argument("--json", default=None, metavar="OUT", help="write the rows here")
     args = p.parse_args(argv)
@@ -84,13 +87,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def load_docs(path: str, skip: int, max_docs: int | None) -> list[str]:
+def load_docs(path: str, skip: int, max_docs: int | None,
+              indices: list[int] | None = None) -> list[str]:
     from tdreward.data.corpus import load_corpus
 
     if not Path(path).expanduser().exists():
         raise BenchError(f"--heldout {path}: no such file or folder")
     docs = load_corpus(path)
     picked = docs[skip : None if max_docs is None else skip + max_docs]
+    if indices is not None:
+        bad = [i for i in indices if not 0 <= i < len(picked)]
+        if bad:
+            raise BenchError(f"--docs {bad[0]}: {path} has {len(picked)} documents to pick from")
+        picked = [picked[i] for i in indices]
     if not picked:
         raise BenchError(f"--heldout {path} has {len(docs)} documents: none left after "
                          f"--skip_docs {skip}")
@@ -212,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"load average before: {before}  (cpus: {os.cpu_count()}, torch threads: "
           f"{torch.get_num_threads()})")
 
-    texts = load_docs(args.heldout, args.skip_docs, args.max_docs)
+    texts = load_docs(args.heldout, args.skip_docs, args.max_docs, args.docs)
     critics = read_critics(args.critic)
     from tdreward.critic_files import check_critic_fits
     from tdreward.reward_model import TDRewardModel, load_reward_model
@@ -223,8 +232,9 @@ def run(args: argparse.Namespace) -> int:
     for d, _ in critics:  # a critic the LM cannot carry fails before the LM loads
         check_critic_fits(d, spec, "--model")
     first = args.skip_docs
-    print(f"held-out: {args.heldout}, documents {first}..{first + len(texts) - 1}: "
-          + "; ".join(title(t) for t in texts))
+    which = (" ".join(str(first + i) for i in args.docs) if args.docs is not None
+             else f"{first}..{first + len(texts) - 1}")
+    print(f"held-out: {args.heldout}, documents {which}: " + "; ".join(title(t) for t in texts))
 
     timing: dict[str, float] = {}
     t = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -104,21 +105,32 @@ def test_beliefs_are_probability_vectors(rm):
 
 
 def test_td_error_identity(rm):
+    """Reward-centred delta (docs/design.md §2.3): with Vd = V - m/(1-gamma),
+    delta_t = r_t - m_t + gamma Vd_{t+1} - Vd_t, which is r_t + gamma V_{t+1} - V_t less the
+    revision gamma (m_{t+1} - m_t)/(1-gamma) of the centre; into a terminal state r_t - V_t.
+    Levels reach -1000 nats on this random model in float32: 1e-3 absolute is their rounding."""
     ids = _ids(rm)
     n = len(ids) - 1
     gamma = rm.config.gamma
     for terminal_at_end in (False, True):
         out = rm.score_batch(*rm.pad([ids]), terminal_at_end=terminal_at_end)
-        r, V, delta = out["r"][0], out["values"][0], out["delta"][0]
+        r, V, delta = out["r"][0].double(), out["values"][0].double(), out["delta"][0].double()
+        m = out["centre"][0].double()
+        assert torch.allclose(out["rbar"][0].double() + gamma * (m / (1 - gamma)
+                              + out["W"][0].double()), V, atol=1e-3)
         for t in range(n):
             # The text's end bootstraps unless it is declared terminal (or is an EOS).
             done_next = terminal_at_end and t + 1 == n
-            expect = r[t] + gamma * V[t + 1] * (0.0 if done_next else 1.0) - V[t]
-            assert delta[t].item() == pytest.approx(expect.item(), abs=1e-5)
+            if done_next:
+                expect = r[t] - V[t]
+            else:
+                expect = (r[t] + gamma * V[t + 1] - V[t]
+                          - gamma * (m[t + 1] - m[t]) / (1 - gamma))
+            assert delta[t].item() == pytest.approx(expect.item(), abs=1e-3)
     eos = rm.tokenizer.eos_token_id
     out = rm.score_batch(*rm.pad([ids[:5] + [eos] + ids[5:]]))
     r, V, delta = out["r"][0], out["values"][0], out["delta"][0]
-    assert delta[4].item() == pytest.approx((r[4] - V[4]).item(), abs=1e-5)  # EOS: terminal
+    assert delta[4].item() == pytest.approx((r[4] - V[4]).item(), abs=1e-4)  # EOS: terminal
     s = rm.score([ids])[0]
     assert s.summary["td_reward"] == pytest.approx(sum(s.delta) / n, abs=1e-5)
     assert s.summary["return"] == pytest.approx(
@@ -210,8 +222,44 @@ def test_state_registry_and_user_state_model(tiny_lm, tokenizer):
             tiny_lm, tokenizer, "tiny", RewardConfig(state="nope"))
 
 
-def test_untrained_critic_gives_delta_equal_to_r(tiny_lm, tokenizer):
+def test_untrained_delta_is_surprise_relative_to_the_lms_expectation(tiny_lm, tokenizer):
+    """W = 0: delta_t = (r_t - rbar_t) + gamma (rbar_{t+1} - m_{t+1}) (docs/design.md §2.3)."""
     m = TDRewardModel.from_lm(tiny_lm, tokenizer, "tiny")
+    ids, mask = m.pad(m.encode([TEXT]))
+    out = m.score_batch(ids, mask)
+    n = int(mask.sum()) - 1
+    r, rbar, cen = out["r"][0, :n], out["rbar"][0], out["centre"][0]
+    expect = (r - rbar[:n]) + m.config.gamma * (rbar[1 : n + 1] - cen[1 : n + 1])
+    assert torch.allclose(out["delta"][0, :n], expect, atol=1e-4)
+    assert torch.count_nonzero(out["W"]) == 0 and not m.trained
     s = m.score([TEXT])[0]
-    assert s.delta == pytest.approx(s.r, abs=1e-6)
-    assert not m.trained
+    assert s.rbar == pytest.approx(rbar[:n].tolist(), abs=1e-6)
+
+
+def test_critic_saved_before_rbar_loads_in_its_old_layout(tiny_lm, tokenizer, tmp_path, caplog):
+    """A critic whose config predates value_form (V = the head alone, plain TD error) still
+    loads, says so, keeps its old V and delta, and reports rbar beside them."""
+    from safetensors.torch import load_file, save_file
+
+    from tdreward.critic_files import CONFIG_METADATA_KEY, CONFIG_NAME, WEIGHTS_NAME
+
+    rm = _randomise_heads(TDRewardModel.from_lm(tiny_lm, tokenizer, "tiny",
+                                                RewardConfig(value_uses_hidden=True)))
+    rm.save_pretrained(tmp_path)
+    meta = json.loads((tmp_path / CONFIG_NAME).read_text())
+    for key in ("value_form", "centre_timescale", "value_uses_hidden"):
+        meta["reward_config"].pop(key)
+    weights = load_file(str(tmp_path / WEIGHTS_NAME))
+    save_file(weights, str(tmp_path / WEIGHTS_NAME),
+              metadata={CONFIG_METADATA_KEY: json.dumps(meta)})
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="tdreward"):
+        old = TDRewardModel.from_pretrained(tmp_path, lm=tiny_lm, tokenizer=tokenizer)
+    assert "saved before V = rbar + gamma C" in caplog.text
+    assert old.config.value_form == "absolute" and old.config.value_uses_hidden
+    out = old.score_batch(*old.pad([_ids(old)]))
+    W, _ = old.critic.head(out["feats"], old.critic.association(out["feats"]))
+    assert torch.allclose(out["values"], W)  # V is the head alone
+    r, V = out["r"][0], out["values"][0]
+    assert torch.allclose(out["delta"][0], r + old.config.gamma * V[1:] - V[:-1], atol=1e-3)
+    assert "rbar" in out and out["rbar"].shape == out["values"].shape

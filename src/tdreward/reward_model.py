@@ -325,9 +325,9 @@ class TDRewardModel:
 
 # --------------------------------------------------------------------------- the reward a command uses
 UNTRAINED_WARNING = (
-    "no --reward_model_path: V is the learning-free part alone (the LM's expected reward rbar "
-    "plus the reward centre), so delta is surprise relative to the LM's own expectation; train "
-    "a critic with `tdreward train-critic` for a V that also predicts from the belief state."
+    "no --reward_model_path: the critic's learned head is untrained, so V is its learning-free "
+    "part (the LM's expected reward rbar plus the reward centre) and delta is surprise "
+    "relative to the LM's own expectation; `tdreward train-critic` trains the head."
 )
 OLD_LAYOUT_NOTE = (
     "%s was saved before V = rbar + gamma C (value_form 'absolute'): its V is the learned head "

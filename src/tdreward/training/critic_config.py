@@ -37,7 +37,7 @@ class CriticTrainingConfig:
     output_dir: str = setting(help="where the reward model is written")
     epochs: int = setting(60, help="epochs at most (early stopping may end sooner)")
     batch_size: int = setting(1, help="documents per step (each read whole)")
-    lr: float = setting(1e-3, help="learning rate (AdamW)")
+    lr: float = setting(3e-3, help="learning rate (AdamW)")
     weight_decay: float = setting(1e-4, help="AdamW weight decay")
     reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "nested"})
     seed: int = setting(0, help="seed of the initial weights, the validation split and the "

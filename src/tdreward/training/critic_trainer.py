@@ -31,7 +31,6 @@ from safetensors.torch import load_file, save_file
 from tdreward.errors import TDRewardError, first_line
 from tdreward.io import atomic_path, write_json
 from tdreward.reward.belief import observation_features
-from tdreward.reward.config import RewardConfig
 from tdreward.reward.critic import LMFeatures
 from tdreward.reward.metrics import MIN_TOKENS_LEFT, critic_diagnostics
 from tdreward.reward_model import TDRewardModel
@@ -128,43 +127,58 @@ def evaluate(rm: TDRewardModel, data: dict, docs: list[int], cfg: CriticTraining
 
 def _init_scales(rm: TDRewardModel, data: dict, docs: list[int],
                  cfg: CriticTrainingConfig) -> None:
-    """The head learns in units near 1: value_scale = the spread of one reward; the slow
-    context is standardised on the training documents; the offset starts at 0 for the rbar
-    form (W = 0: the untrained default) and at an average stream of rewards for the absolute."""
-    with torch.no_grad():
-        feats = doc_features(data, docs[:8], rm.tokenizer.eos_token_id, cfg.doc_end_terminal)
-        critic = rm.critic
-        c = critic.association(feats)
-        out = critic(feats, c)
-        rmask = feats.reward_mask.bool()
-        r = out["r"][rmask]
-        if rm.config.context_timescales:
-            scalars = observation_features(feats.logp, c, feats.entropy)
-            ctx = critic.context(scalars, feats.mask)[feats.mask.bool()]
-            critic.context_mean.copy_(ctx.mean(0))
-            critic.context_std.copy_(ctx.std(0).clamp_min(1e-4))
-    g = rm.config.gamma
+    """The head learns in units near 1. For the rbar form, W corrects the learning-free
+    continuation m/(1-gamma), so its unit (value_scale) is the spread of what is left to
+    correct: the std of G_t - V_t(untrained) on the training documents, G_t the discounted
+    return to the document's end where it is nearly the full return (tens of nats: the spread
+    of one reward, 3 nats, was too small a unit for the head to reach in a few hundred steps).
+    The absolute form keeps its former scales: offset = mean(r)/(1-gamma), scale = std(r).
+    The slow context is standardised on the training documents."""
+    from tdreward.reward.metrics import discounted_returns_to_end
+
+    critic, g = rm.critic, rm.config.gamma
     absolute = rm.config.value_form == "absolute"
-    rm.critic.value_offset.fill_(float(r.mean()) / (1 - g) if absolute and g < 1 else 0.0)
-    rm.critic.value_scale.fill_(max(float(r.std()), 1e-3))
+    min_left = 1 if cfg.doc_end_terminal else MIN_TOKENS_LEFT
+    rs, resid, ctxs = [], [], []
+    with torch.no_grad():
+        for a in range(0, min(len(docs), 32), 4):
+            feats = doc_features(data, docs[a : a + 4], rm.tokenizer.eos_token_id,
+                                 cfg.doc_end_terminal)
+            c = critic.association(feats)
+            if rm.config.context_timescales:
+                scalars = observation_features(feats.logp, c, feats.entropy)
+                ctxs.append(critic.context(scalars, feats.mask)[feats.mask.bool()])
+            out = critic(feats, c)
+            for b in range(feats.mask.shape[0]):
+                n = int(feats.mask[b].sum()) - 1
+                r = out["r"][b, :n]
+                rs.append(r)
+                keep = n - torch.arange(n) >= min_left
+                G = discounted_returns_to_end(r, g).float()
+                resid.append((G - out["values"][b, :n])[keep])
+    if ctxs:
+        ctx = torch.cat(ctxs)
+        critic.context_mean.copy_(ctx.mean(0))
+        critic.context_std.copy_(ctx.std(0).clamp_min(1e-4))
+    r = torch.cat(rs)
+    if absolute:
+        critic.value_offset.fill_(float(r.mean()) / (1 - g) if g < 1 else 0.0)
+        critic.value_scale.fill_(max(float(r.std()), 1e-3))
+        return
+    res = torch.cat(resid)
+    scale = float(res.std()) if res.numel() > 1 else float(r.std())
+    critic.value_offset.fill_(0.0)
+    critic.value_scale.fill_(max(scale, float(r.std()), 1e-3))
 
 
 # --------------------------------------------------------------------------- checkpoints
-# The reward settings train-critic had before RewardConfig was nested whole.
-_FORMER_REWARD_SETTINGS = ("alpha", "beta", "gamma", "td_lambda", "state", "context_timescales",
-                           "value_uses_hidden")
-
-
 def _resume_settings(cfg: CriticTrainingConfig) -> dict:
-    """A checkpoint resumes only a run with these settings (epochs may grow). Flat, as they
-    were before the reward settings were nested: the other reward settings count only where
-    they differ from their defaults, so that a checkpoint written then still resumes."""
+    """A checkpoint resumes only a run with these settings (epochs may grow): all of them but
+    those that change memory, speed or where the output goes."""
     d = dataclasses.asdict(cfg)
-    reward, default = d.pop("reward"), RewardConfig().to_dict()
-    d |= {k: v for k, v in reward.items() if k in _FORMER_REWARD_SETTINGS or v != default[k]}
-    # Memory and speed only: the same run either way.
-    for k in ("epochs", "patience", "output_dir", "lm_batch_size", "logit_tile_elems"):
+    for k in ("epochs", "patience", "output_dir", "lm_batch_size"):
         d.pop(k, None)
+    d["reward"].pop("logit_tile_elems", None)
     return d
 
 
