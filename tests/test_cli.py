@@ -59,7 +59,8 @@ def test_score_json_html_plot(tmp_path, smollm2):
     for t in ta["tokens"]:
         assert sum(t["belief"]) == pytest.approx(1.0, abs=1e-5)
     html = (tmp_path / "t.html").read_text()
-    assert html.startswith("<!doctype html>") and "title='logp=" in html
+    assert html.startswith("<!doctype html>")
+    assert "logp = " in html and "rbar = " in html and "delta = " in html  # per-token tooltips
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -142,9 +142,11 @@ def test_reference_is_the_base_with_the_adapter_disabled(tokenizer, tmp_path):
     base.config.pad_token_id = tokenizer.pad_token_id
     rm_base = TDRewardModel.from_lm(base, tokenizer, "tiny")
     rm_base.critic.load_state_dict(rm.critic.state_dict())
-    expect = rm_base.score_batch(batch["input_ids"], batch["attention_mask"])["delta"]
+    # The reference pass has no terminal state (an EOS bootstraps too): compare like with like.
+    done = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    expect = rm_base.score_batch(batch["input_ids"], batch["attention_mask"], done)["delta"]
     torch.testing.assert_close(delta, expect, atol=1e-5, rtol=1e-5)
-    adapted = rm.score_batch(batch["input_ids"], batch["attention_mask"])["delta"]
+    adapted = rm.score_batch(batch["input_ids"], batch["attention_mask"], done)["delta"]
     assert not torch.allclose(adapted, expect, atol=1e-3)  # the adapter does change delta
     cached = trainer.reference_deltas(batch["input_ids"], batch["attention_mask"],
                                       batch["example_id"])
