@@ -14,9 +14,13 @@ _LAZY = {
     "HiddenStateModel": "belief", "register_state": "belief",
     "RewardConfig": "config",
     "LMFeatures": "critic", "TDCritic": "critic",
-    "discounted_return": "td", "lambda_returns": "td", "td_errors": "td",
-    "immediate_reward": "terms", "logprob_and_entropy": "terms",
+    "centred_td_errors": "td", "discounted_return": "td", "lambda_returns": "td",
+    "td_errors": "td",
+    "expected_association": "terms", "expected_reward": "terms", "immediate_reward": "terms",
+    "logprob_and_entropy": "terms", "next_token_stats": "terms",
     "retrospective_association": "terms",
+    "causal_ema": "averages",
+    "critic_diagnostics": "metrics",
     "ValueFunction": "value",
 }
 
@@ -31,4 +35,6 @@ __all__ = [
     "STATE_REGISTRY", "BeliefStateModel", "CSCStateModel", "HiddenStateModel", "register_state",
     "RewardConfig", "LMFeatures", "TDCritic", "ValueFunction", "td_errors", "lambda_returns",
     "discounted_return", "immediate_reward", "logprob_and_entropy", "retrospective_association",
+    "centred_td_errors", "expected_association", "expected_reward", "next_token_stats",
+    "causal_ema", "critic_diagnostics",
 ]
