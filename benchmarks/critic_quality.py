@@ -31,7 +31,6 @@ no goal in itself (a stochastic text puts the true V's moves into delta): read i
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shlex
@@ -198,16 +197,6 @@ def loadavg() -> str:
         return "n/a"
 
 
-def json_safe(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: json_safe(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [json_safe(v) for v in x]
-    return x
-
-
 def score_docs(rm, texts: list[str], batch_size: int) -> list[dict]:
     from tdreward.reward.metrics import doc_from_score
 
@@ -294,7 +283,9 @@ def run(args: argparse.Namespace) -> int:
                "model": spec, "gamma": gamma, "loadavg_before": before, "loadavg_after": after,
                "timing_s": timing, "notes": notes, "rows": rows}
         try:
-            Path(args.json).write_text(json.dumps(json_safe(out), indent=2) + "\n")
+            from tdreward.io import json_safe, write_json
+
+            write_json(args.json, json_safe(out))  # atomic: temporary file, then rename
         except OSError as e:
             raise BenchError(f"--json {args.json}: cannot write ({e.strerror or e})") from None
         print(f"rows written to {args.json}")

@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tdreward.errors import TDRewardError, first_line
-from tdreward.io import atomic_path, write_json
+from tdreward.io import atomic_path, json_safe, write_json
 from tdreward.reward.belief import observation_features
 from tdreward.reward.critic import LMFeatures
 from tdreward.reward.metrics import MIN_TOKENS_LEFT, critic_diagnostics
@@ -236,17 +236,6 @@ def _load_checkpoint(path: Path, meta: dict, rm, opt) -> tuple[int, dict, list]:
 
 
 # --------------------------------------------------------------------------- main loop
-def _json_safe(obj):
-    """NaN (a diagnostic with too little data) as null: metrics.json stays strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def _better(ev: float, best: float) -> bool:
     return not math.isnan(ev) and (math.isnan(best) or ev > best + 1e-6)
 
@@ -342,11 +331,11 @@ def train_critic(cfg: CriticTrainingConfig, rm: TDRewardModel | None = None,
         "epochs": history,
     }
     rm.trained = True
-    rm.training_info = _json_safe({k: metrics[k] for k in (
+    rm.training_info = json_safe({k: metrics[k] for k in (
         "best_epoch", "validation", "n_documents", "n_tokens")}) | {
         "dataset": cfg.dataset, "max_tokens": cfg.max_tokens}
     rm.save_pretrained(out)
-    metrics = _json_safe(metrics)
+    metrics = json_safe(metrics)
     write_json(out / "metrics.json", metrics)
     plot_learning_curve(out / "learning_curve.png", history, untrained)
     return metrics
