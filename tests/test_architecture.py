@@ -4,7 +4,8 @@ name imported across modules, and every config field is exactly one flag with it
 Layers, top to bottom (a module may import its own layer or lower ones):
 cli -> commands -> recipes -> training / evaluation / export / ollama / integrations / neuro
 -> reward_model -> reward_settings / critic_files -> reward / backends
--> data / specs / errors / validation / flags / io / display / cache_files / version
+-> data / specs / errors / validation / flags / io / display / cache_files / version / parallel
+   / hardware
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ LAYERS = [
     ["reward_model"],
     ["reward_settings", "critic_files"],
     ["reward", "backends"],
-    ["data", "specs", "errors", "validation", "flags", "io", "display", "cache_files", "version"],
+    ["data", "specs", "errors", "validation", "flags", "io", "display", "cache_files", "version",
+     "parallel", "hardware"],
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 

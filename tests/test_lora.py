@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 from conftest import EMBEDDED, REPO, make_tiny_lm
 from tdreward import RewardConfig, TDRewardModel
 from tdreward.errors import TDRewardError
+from tdreward.hardware import TrainingHardwareSettings
 from tdreward.training.lora_setup import (
     IGNORE,
     PadCollator,
@@ -214,8 +215,8 @@ def test_4bit_lora_trains_on_cpu(tokenizer, tmp_path):
     data.write_text("\n".join(lines) + "\n")
     cfg = LoraTrainingConfig(
         base_model=str(tmp_path / "tiny"), dataset=str(data), output_dir=str(tmp_path / "out"),
-        use_4bit=True, lora_r=8, lora_alpha=16, batch_size=4, max_steps=12, lr=2e-2,
-        eval_examples=8, max_length=96, device="cpu",
+        hardware=TrainingHardwareSettings(load_in_4bit=True, device="cpu"), lora_r=8,
+        lora_alpha=16, batch_size=4, max_steps=12, lr=2e-2, eval_examples=8, max_length=96,
     )
     m = run_lora(cfg)
     assert m["quantization"] == {"bits": 4, "quantized_layers": 14}  # 2 layers x 7 projections
@@ -311,8 +312,12 @@ def test_config_reads_the_flags_as_before(tmp_path):
     assert cfg.epochs == 1.5 and cfg.target_modules == ["q_proj", "k_proj", "v_proj"]
     assert not cfg.gradient_checkpointing and cfg.cache_deltas
     with pytest.raises(TDRewardError, match="--use_8bit"):
-        LoraTrainingConfig(dataset=str(SAMPLE), output_dir=str(tmp_path / "o"), use_8bit=True,
-                           use_4bit=True)
+        LoraTrainingConfig(dataset=str(SAMPLE), output_dir=str(tmp_path / "o"),
+                           hardware=TrainingHardwareSettings(load_in_8bit=True, load_in_4bit=True))
+    # The old flag names are aliases of the one hardware setting.
+    args = build_parser().parse_args(["lora", "--dataset", str(SAMPLE), "--use_4bit",
+                                      "--output_dir", str(tmp_path / "o")])
+    assert from_args(LoraTrainingConfig, args).hardware.load_in_4bit
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):

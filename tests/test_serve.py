@@ -63,7 +63,9 @@ def server(tmp_path_factory):
         proc = subprocess.Popen(
             [sys.executable, "-m", "tdreward.cli", "serve", "--model", SMOL, "--port",
              str(_free_port()), "--n_ctx", "1024", "--n_threads", "1", "--api_key", KEY,
-             "--max_request_bytes", str(LIMIT)], stdout=fo, stderr=fe, env=env)
+             "--max_request_bytes", str(LIMIT),
+             # -1 (all layers) reaches llama.cpp's server; a CPU-only build runs on the CPU.
+             "--n_gpu_layers", "-1"], stdout=fo, stderr=fe, env=env)
     try:
         deadline = time.time() + 120
         spec = None

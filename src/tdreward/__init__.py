@@ -19,6 +19,7 @@ _LAZY = {
     "TDRewardModel": "tdreward.reward_model",
     "TextScore": "tdreward.reward_model",
     "RewardSettings": "tdreward.reward_settings",
+    "HardwareSettings": "tdreward.hardware",
     "load_reward_model": "tdreward.reward_model",
 }
 

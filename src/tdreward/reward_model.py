@@ -27,16 +27,16 @@ from tdreward.critic_files import (
     read_critic_config,
 )
 from tdreward.errors import TDRewardError, first_line
+from tdreward.hardware import HardwareSettings, Placement, as_placement
 from tdreward.io import atomic_path, write_json
 from tdreward.reward.config import RewardConfig
 from tdreward.reward.critic import LMFeatures, TDCritic
-from tdreward.reward.lm import context_length, extract_features
+from tdreward.reward.lm import context_length, extract_features, unwrap
 from tdreward.reward.td import discounted_return
 from tdreward.reward_settings import RewardSettings
 from tdreward.version import __version__
 
 log = logging.getLogger("tdreward")
-
 
 
 @dataclass
@@ -73,10 +73,20 @@ class TDRewardModel:
     def __init__(self, lm, tokenizer, critic: TDCritic, base_model: str, trained: bool = False):
         self.lm = lm
         self.tokenizer = tokenizer
-        self.critic = critic
+        self.critic = critic.to(self.device)  # small; it reads the LM's outputs where they are
         self.base_model = base_model
         self.trained = trained
         self.training_info: dict = {}
+        # How the LM was loaded (None: handed in): other models of the same job load likewise.
+        self.placement: Placement | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the LM takes its inputs (a model spread over devices starts there): ids,
+        masks and the critic go there. A trainer that moves the LM moves the critic too."""
+        get = getattr(unwrap(self.lm), "get_input_embeddings", None)
+        emb = get() if get is not None else None
+        return emb.weight.device if emb is not None else next(self.lm.parameters()).device
 
     @property
     def config(self) -> RewardConfig:
@@ -92,19 +102,26 @@ class TDRewardModel:
         return cls(lm, tokenizer, critic, base_model, trained=False)
 
     @classmethod
-    def from_base(cls, spec: str, config: RewardConfig | None = None, verbose: bool = False):
-        """An untrained critic on the reference LM named by `spec`."""
+    def from_base(cls, spec: str, config: RewardConfig | None = None, verbose: bool = False,
+                  hardware: HardwareSettings | Placement | None = None) -> TDRewardModel:
+        """An untrained critic on the reference LM named by `spec`, loaded as `hardware`
+        says (None: float32 on the CPU)."""
         from tdreward.backends.hf import load_model
 
-        lm, tok = load_model(spec, verbose=verbose)
-        return cls.from_lm(lm, tok, spec, config)
+        place = as_placement(hardware)
+        lm, tok = load_model(spec, verbose=verbose, hardware=place)
+        model = cls.from_lm(lm, tok, spec, config)
+        model.placement = place
+        return model
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, base_model: str | None = None, lm=None,
                         tokenizer=None, verbose: bool = False,
-                        model_flag: str = "--base_model") -> TDRewardModel:
+                        model_flag: str = "--base_model",
+                        hardware: HardwareSettings | Placement | None = None) -> TDRewardModel:
         """Load a saved reward model; `base_model` overrides the stored reference spec and
-        (lm, tokenizer) reuse an already loaded reference model. `model_flag` is the flag that
+        (lm, tokenizer) reuse an already loaded reference model; otherwise the reference
+        loads as `hardware` says (None: float32 on the CPU). `model_flag` is the flag that
         named `base_model`, for error messages."""
         path = Path(path)
         meta = read_critic_config(path)
@@ -116,11 +133,13 @@ class TDRewardModel:
             raise TDRewardError(f"{path / CONFIG_NAME} has an unusable reward_config "
                                 f"({first_line(e)}); the critic is damaged") from e
         spec = base_model or meta["base_model"]
+        place = None
         if lm is None:
             check_critic_fits(path, spec, model_flag)
             from tdreward.backends.hf import load_model
 
-            lm, tokenizer = load_model(spec, verbose=verbose)
+            place = as_placement(hardware)
+            lm, tokenizer = load_model(spec, verbose=verbose, hardware=place)
         critic = TDCritic(cfg, meta["hidden_size"], meta["vocab_size"])
         if lm.config.hidden_size != critic.hidden_size:
             raise TDRewardError(
@@ -145,6 +164,7 @@ class TDRewardModel:
         critic.eval()
         model = cls(lm, tokenizer, critic, spec, trained=bool(meta.get("trained")))
         model.training_info = meta.get("training", {})
+        model.placement = place
         return model
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -195,18 +215,23 @@ class TDRewardModel:
         return [r if r[:1] == [prefix] else [prefix, *r] for r in rows]
 
     def pad(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-pad token rows into (input_ids, attention_mask)."""
+        """Right-pad token rows into (input_ids, attention_mask), on the LM's device."""
         T = max(len(r) for r in rows)
         ids = torch.full((len(rows), T), self.tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), T), dtype=torch.long)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
             mask[i, : len(r)] = 1
-        return ids, mask
+        # Built on the CPU and copied once: row-by-row writes to a GPU tensor cost a copy each.
+        return ids.to(self.device), mask.to(self.device)
 
     def features(self, input_ids, attention_mask, done=None, max_length=None, stride=None):
-        """LMFeatures of a batch: one forward pass of the reference LM (no gradient)."""
+        """LMFeatures of a batch: one forward pass of the reference LM (no gradient). The
+        tensors may be anywhere: they are moved to the LM's device, where the features are."""
         cfg = self.config
+        device = self.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        done = None if done is None else done.to(device)
         with torch.no_grad():
             return extract_features(
                 self.lm, input_ids, attention_mask, done, max_length, stride,
@@ -223,13 +248,14 @@ class TDRewardModel:
             done |= (input_ids == eos) & attention_mask.bool()
         if terminal_at_end:
             last = (attention_mask.sum(1) - 1).clamp(min=0)
-            done[torch.arange(len(last)), last] = True
+            done[torch.arange(len(last), device=last.device), last] = True
         return done
 
     def score_batch(self, input_ids, attention_mask, done=None, max_length=None, stride=None,
                     terminal_at_end: bool = False):
         """All per-token tensors for a padded batch: logp, c, H, r, rbar, values, states, delta
-        (and the value's parts, tdreward.reward.critic.TDCritic.value_parts)."""
+        (and the value's parts, tdreward.reward.critic.TDCritic.value_parts), float32 on the
+        LM's device whatever its dtype."""
         if done is None:
             done = self.terminal_states(input_ids, attention_mask, terminal_at_end)
         feats = self.features(input_ids, attention_mask, done, max_length, stride)
@@ -274,6 +300,8 @@ class TDRewardModel:
             ids, mask = self.pad([rows[i] for i in batch])
             out = self.score_batch(ids, mask, max_length=window, stride=stride,
                                    terminal_at_end=terminal_at_end)
+            # To the CPU once per batch (not one device sync per list built below).
+            out = {k: v.cpu() for k, v in out.items() if isinstance(v, torch.Tensor)}
             for j, i in enumerate(batch):
                 results[i] = self._text_score(out, j, rows[i])
         return results
@@ -338,29 +366,34 @@ OLD_LAYOUT_NOTE = (
 
 def load_reward_model(spec: str, settings: RewardSettings, *, state: str | None = None,
                       lm=None, tokenizer=None, verbose: bool = False,
-                      model_flag: str = "--base_model", warn_untrained: bool = True
-                      ) -> TDRewardModel:
+                      model_flag: str = "--base_model", warn_untrained: bool = True,
+                      hardware: HardwareSettings | Placement | None = None) -> TDRewardModel:
     """The one way a command gets its reward model: the critic of `settings` on the reference
     LM `spec` (or on an already loaded `lm`), its reward weights overridden where given;
-    without a critic, untrained heads (`state` picks their state model) and a warning."""
+    without a critic, untrained heads (`state` picks their state model) and a warning.
+    `hardware` says where and in what dtype the LM loads (None: float32 on the CPU)."""
     overrides = settings.overrides()
+    place = as_placement(hardware)  # resolved once: `auto` means one thing for the whole run
     if settings.reward_model_path:
         if state is not None:
             raise TDRewardError("--state cannot change the state model of a trained critic")
         model = TDRewardModel.from_pretrained(settings.reward_model_path, base_model=spec,
                                               lm=lm, tokenizer=tokenizer, verbose=verbose,
-                                              model_flag=model_flag)
+                                              model_flag=model_flag, hardware=place)
         if overrides:
             model.critic.config = RewardConfig.from_dict(model.config.to_dict() | overrides)
-        return model
-    cfg = RewardConfig(**overrides, **({"state": state} if state is not None else {}))
-    if lm is not None:
-        model = TDRewardModel.from_lm(lm, tokenizer, spec, cfg)
     else:
-        model = TDRewardModel.from_base(spec, cfg, verbose=verbose)
-    if warn_untrained:  # once the model is there: a bad spec stays a one-line error
-        log.warning(UNTRAINED_WARNING)
+        cfg = RewardConfig(**overrides, **({"state": state} if state is not None else {}))
+        if lm is not None:
+            model = TDRewardModel.from_lm(lm, tokenizer, spec, cfg)
+        else:
+            model = TDRewardModel.from_base(spec, cfg, verbose=verbose, hardware=place)
+        if warn_untrained:  # once the model is there: a bad spec stays a one-line error
+            log.warning(UNTRAINED_WARNING)
+    if hardware is not None:  # also for a handed-in LM, loaded (the caller says) this way
+        model.placement = place
     return model
 
 
-__all__ = ["TDRewardModel", "TextScore", "LMFeatures", "RewardSettings", "load_reward_model"]
+__all__ = ["HardwareSettings", "LMFeatures", "RewardSettings", "TDRewardModel", "TextScore",
+           "load_reward_model"]

@@ -9,6 +9,7 @@ together dequantise once (a file lock) and a damaged copy is rebuilt (`cached_mo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ from tdreward.cache_files import (
 )
 from tdreward.data.corpus import env_offline, hub_reachable
 from tdreward.errors import TDRewardError, first_line
+from tdreward.hardware import HardwareSettings, Placement, as_placement
 from tdreward.specs import ModelSpec, parse_spec
 
 log = logging.getLogger("tdreward")
@@ -134,11 +136,31 @@ def quiet_loading() -> Iterator[None]:
             enable_progress_bars()
 
 
-def _load_dir(path: str, dtype: torch.dtype, local_only: bool):
+def _on_cpu(place: Placement) -> bool:
+    """Whether `place` is a plain CPU load (what every load was before placements)."""
+    return place.device == "cpu" and not place.bits and not place.device_map
+
+
+def placement_kwargs(place: Placement) -> dict:
+    """from_pretrained's arguments for `place`: the dtype the weights are cast to as they load
+    (a float32 GGUF cache becomes bfloat16 here, not on disk), bitsandbytes' config, and where
+    the layers go. A model for one device loads straight onto it (device_map {"": device})."""
+    kw: dict = {"dtype": place.torch_dtype}
+    if place.bits:
+        kw["quantization_config"] = place.quantization_config()
+    if place.device_map:
+        kw["device_map"] = place.device_map
+    elif not _on_cpu(place):
+        kw["device_map"] = {"": place.device}
+    return kw
+
+
+def _load_dir(path: str, place: Placement, local_only: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_only)
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_only,
+                                                 **placement_kwargs(place))
     return model, tok
 
 
@@ -248,19 +270,23 @@ def _rebuild(path: Path, target: Path, verbose: bool, seen: int | None) -> None:
         _dequantise(path, target, verbose)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, verbose: bool):
+def _load_gguf(path: Path, place: Placement, verbose: bool):
     """Dequantise once, then load the safetensors copy from the cache."""
     target = cached_model_dir(path, verbose)
     seen = target.stat().st_ino
     try:
-        return _load_dir(str(target), dtype, local_only=True)
+        return _load_dir(str(target), place, local_only=True)
     except Exception as e:  # what a damaged file raises depends on the file and the library
+        if not _on_cpu(place):
+            # On a GPU or quantised, a failure is far likelier the device's (memory,
+            # bitsandbytes) than a damaged copy, which the size check has passed: no rebuild.
+            raise
         first = first_line(e)
         log.warning("cached model %s cannot be loaded (%s: %s); rebuilding it", target,
                     type(e).__name__, first)
     _rebuild(path.expanduser(), target, verbose, seen=seen)
     try:
-        return _load_dir(str(target), dtype, local_only=True)
+        return _load_dir(str(target), place, local_only=True)
     except Exception as e:
         raise TDRewardError(
             f"cached model {target} is corrupt ({type(e).__name__}: {first_line(e)}); "
@@ -268,47 +294,68 @@ def _load_gguf(path: Path, dtype: torch.dtype, verbose: bool):
         ) from e
 
 
-def load_model(spec: str | ModelSpec, dtype: torch.dtype = torch.float32, verbose: bool = False):
-    """Load (model, tokenizer) for a scoring spec: pad token set, model in eval mode."""
+def load_model(spec: str | ModelSpec, dtype: torch.dtype | None = None, verbose: bool = False,
+               *, hardware: HardwareSettings | Placement | None = None):
+    """Load (model, tokenizer) for a scoring spec: pad token set, model in eval mode, placed
+    as `hardware` says (settings are resolved here: `auto` becomes this machine's device and
+    dtype). Without `hardware`, float32 on the CPU, as every load was before the settings
+    existed. `dtype` overrides the placement's dtype."""
     spec = parse_spec(spec) if isinstance(spec, str) else spec
     if spec.kind not in ("embedded", "gguf", "hf"):
         raise TDRewardError(
             f"{spec.raw!r} cannot be loaded into transformers; use a hub id, a directory, "
             "gguf:PATH or embedded:NAME"
         )
+    place = as_placement(hardware)
+    if dtype is not None:
+        place = dataclasses.replace(place, dtype=str(dtype).removeprefix("torch."))
     t0 = time.perf_counter()
     with quiet_loading():
         import transformers.modeling_utils  # noqa: F401  (import cost is reported apart)
 
         start = time.perf_counter()
-        if spec.kind == "hf":
-            model, tok = _load_hub_or_dir(spec.target, dtype)
-        else:
-            model, tok = _load_gguf(resolve_gguf(spec), dtype, verbose)
+        try:
+            if spec.kind == "hf":
+                model, tok = _load_hub_or_dir(spec.target, place)
+            else:
+                model, tok = _load_gguf(resolve_gguf(spec), place, verbose)
+        except Exception as e:
+            if isinstance(e, TDRewardError) or _on_cpu(place):
+                raise
+            # CUDA out of memory, bitsandbytes without its kernels, ...: one line naming where.
+            bits = f", {place.bits}-bit" if place.bits else ""
+            raise TDRewardError(f"cannot load {spec.raw} on {place.device_map or place.device} "
+                                f"({place.dtype}{bits}): {type(e).__name__}: {first_line(e)}"
+                                ) from e
     set_pad(tok, model)
     model.eval()
     if verbose:
-        log.info("loaded %s in %.2f s (+ %.1f s importing transformers)", spec.raw,
-                 time.perf_counter() - start, start - t0)
+        log.info("loaded %s in %.2f s (+ %.1f s importing transformers) on %s in %s", spec.raw,
+                 time.perf_counter() - start, start - t0, place.device_map or place.device,
+                 place.dtype + (f", {place.bits}-bit" if place.bits else ""))
     return model, tok
 
 
-def _load_hub_or_dir(target: str, dtype: torch.dtype):
+def _load_hub_or_dir(target: str, place: Placement):
     path = Path(target).expanduser()
     if path.is_dir():
         from tdreward.backends.adapters import is_adapter_dir, load_merged_adapter
 
         if is_adapter_dir(path):  # a LoRA adapter: its base, with the adapter merged
-            return load_merged_adapter(path, lambda base: load_model(base, dtype))
+            if place.bits:
+                raise TDRewardError(f"{path} is a LoRA adapter, merged into its base as it "
+                                    "loads, and a quantised base cannot take the merge: load "
+                                    "the merged model (`tdreward lora --merge`)")
+            return load_merged_adapter(path, lambda base: load_model(base, hardware=place))
         if not (path / "config.json").is_file():
             raise TDRewardError(f"{path} has no config.json: not a transformers model directory "
                                 "(nor a LoRA adapter: no adapter_config.json)")
-        return _load_dir(str(path), dtype, local_only=True)
+        return _load_dir(str(path), place, local_only=True)
     if target.startswith((".", "/", "~")) or target.count("/") > 1:
         raise TDRewardError(f"model directory not found: {target}")
     local_only = env_offline() or not hub_reachable()
     try:
-        return _load_dir(target, dtype, local_only=local_only)
+        return _load_dir(target, place, local_only=local_only)
     except OSError as e:
         if local_only:
             raise TDRewardError(

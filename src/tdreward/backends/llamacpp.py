@@ -55,6 +55,15 @@ def _import_llama_cpp() -> Any:
     return llama_cpp
 
 
+def resolve_gpu_layers(n_gpu_layers: int | None) -> int:
+    """Layers to offload to the GPU: `n_gpu_layers` as given (-1 all, 0 none), or for None
+    all of them when this llama-cpp-python was built with GPU offload (CUDA, Metal, ...)
+    and none otherwise: a CPU-only build given -1 would only ignore it."""
+    if n_gpu_layers is not None:
+        return n_gpu_layers
+    return -1 if _import_llama_cpp().llama_supports_gpu_offload() else 0
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (affinity/cgroup-aware where the OS says so)."""
     if hasattr(os, "sched_getaffinity"):  # not on macOS or Windows
@@ -122,8 +131,10 @@ class LlamaCppModel:
         n_threads: int | None = None,
         seed: int = 0,
         n_parallel: int = 8,
+        n_gpu_layers: int | None = None,
     ) -> None:
-        """Load the model; raises TDRewardError on a missing, truncated or unloadable file."""
+        """Load the model; raises TDRewardError on a missing, truncated or unloadable file.
+        `n_gpu_layers`: layers on the GPU (-1 all; None: all when llama.cpp can offload)."""
         llama_cpp = _import_llama_cpp()
         self.path = _resolve_path(path_or_spec)
         # llama.cpp aborts the whole process on some malformed files, so validate first.
@@ -137,6 +148,9 @@ class LlamaCppModel:
         if n_parallel < 1:
             raise TDRewardError(f"n_parallel must be >= 1, got {n_parallel}")
         self.n_parallel = n_parallel  # sequences decoded together by generate()
+        self.n_gpu_layers = resolve_gpu_layers(n_gpu_layers)
+        if self.n_gpu_layers < -1:
+            raise TDRewardError(f"n_gpu_layers must be >= -1 (-1: all), got {n_gpu_layers}")
         try:
             self._llm = llama_cpp.Llama(
                 model_path=str(self.path),
@@ -146,6 +160,7 @@ class LlamaCppModel:
                 seed=seed,
                 n_threads=threads,
                 n_threads_batch=threads,
+                n_gpu_layers=self.n_gpu_layers,
             )
         except (ValueError, RuntimeError, OSError) as e:
             raise TDRewardError(f"llama.cpp could not load {self.path}: {e}") from e

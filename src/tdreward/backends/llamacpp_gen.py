@@ -43,7 +43,8 @@ class LlamaCppGenerator:
         threads = options.extra.get("n_threads")  # default: LlamaCppModel's (half the CPUs)
         self.model = GenerationLlama(spec.raw, n_ctx=self.n_ctx,
                                      n_threads=int(threads) if threads else None,
-                                     n_parallel=max(1, options.batch_size))
+                                     n_parallel=max(1, options.batch_size),
+                                     n_gpu_layers=options.n_gpu_layers)
         template = self.model.llm.metadata.get("tokenizer.chat_template")
         self.chat = use_chat(options.prompt_format, bool(template), spec.raw)
         self.model.parse_special = self.chat

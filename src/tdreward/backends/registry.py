@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 from tdreward.data.prompts import PROMPT_FORMATS, use_chat
 from tdreward.errors import TDRewardError
+from tdreward.hardware import HardwareSettings, Placement
 from tdreward.specs import ModelSpec, parse_spec
 
 log = logging.getLogger("tdreward")
@@ -92,6 +93,9 @@ class BackendOptions:
     concurrency: int = 4  # servers: requests in flight
     timeout: float = 300.0  # servers: seconds per request
     retries: int = 3  # openai: attempts after the first on connection errors / 5xx / 429
+    # transformers: where and in what dtype the model loads (None: float32 on the CPU)
+    hardware: HardwareSettings | Placement | None = None
+    n_gpu_layers: int | None = None  # llamacpp: layers on the GPU (None: all if it can, -1 all)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -28,7 +28,7 @@ class TransformersGenerator:
 
         self.spec = spec
         self.batch_size = max(1, options.batch_size)
-        self.model, self.tok = load_model(to_transformers_spec(spec))
+        self.model, self.tok = load_model(to_transformers_spec(spec), hardware=options.hardware)
         self.chat = use_chat(options.prompt_format, has_chat_template(self.tok), spec.raw)
         # End of turn: the tokenizer's EOS plus the generation config's (e.g. <end_of_turn>).
         eos = self.model.generation_config.eos_token_id
@@ -62,6 +62,7 @@ class TransformersGenerator:
                       add_special_tokens=not self.chat)
         finally:
             tok.padding_side = side
+        enc = enc.to(self.model.get_input_embeddings().weight.device)  # where the LM reads
         # Sampling draws from torch's global generator: seeded by the batch's first sample, so
         # with temperature > 0 a sample depends on its batch (greedy does not).
         torch.manual_seed(seeds[0])
@@ -76,6 +77,7 @@ class TransformersGenerator:
         new = res.sequences[:, enc["input_ids"].shape[1] :]
         logits = torch.stack(res.logits, dim=1).float()  # [B, steps, V], untempered
         lp = torch.log_softmax(logits, dim=-1).gather(2, new[:, : logits.shape[1], None])[..., 0]
+        new, lp = new.cpu(), lp.cpu()  # one copy each, not one per token read below
         gens = []
         for i, p in enumerate(prompts):
             ids = new[i].tolist()

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from tdreward.commands import add_command
 from tdreward.errors import TDRewardError
 from tdreward.export.export_config import OUTTYPES
 from tdreward.flags import from_args, setting
+from tdreward.hardware import LlamaCppSettings
 from tdreward.specs import DEFAULT_MODEL
 from tdreward.validation import check_choice, validate
 
@@ -54,6 +55,8 @@ class ServeConfig:
     n_ctx: int = setting(4096, help="context length")
     n_threads: int | None = setting(None, help="CPU threads",
                                     default_help="half the usable CPUs")
+    llamacpp: LlamaCppSettings = field(default_factory=LlamaCppSettings,
+                                       metadata={"help": "nested"})
     outtype: str = setting("f16", choices=OUTTYPES,
                            help="GGUF type when a transformers model is exported")
     verbose: bool = False
@@ -87,24 +90,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
         from llama_cpp.server.app import create_app
-        from llama_cpp.server.settings import ModelSettings, ServerSettings
+        from llama_cpp.server.settings import ServerSettings
     except ImportError as e:
         raise TDRewardError("`tdreward serve` needs llama-cpp-python's server extra: "
                             "pip install 'llama-cpp-python[server]'") from e
     from tdreward.backends.hf import check_gguf
-    from tdreward.backends.llamacpp import usable_cpus
 
     path = cached_gguf(cfg.model, cfg.outtype)
     check_gguf(path)  # llama.cpp aborts the process on some malformed files
-    threads = cfg.n_threads or max(1, usable_cpus() // 2)
     alias = cfg.alias or default_alias(cfg.model)
     # api_key is passed even when None: ServerSettings is a pydantic BaseSettings and would
     # otherwise take $API_KEY from the environment (a key the user never gave serve).
     app = create_app(
         server_settings=ServerSettings(host=cfg.host, port=cfg.port, api_key=cfg.api_key),
-        model_settings=[ModelSettings(model=str(path), model_alias=alias, n_ctx=cfg.n_ctx,
-                                      n_threads=threads, n_threads_batch=threads,
-                                      logits_all=cfg.logprobs, verbose=cfg.verbose)])
+        model_settings=[model_settings(cfg, path, alias)])
     hide_model_path(alias)
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host  # an IPv6 literal
     url = f"http://{host}:{cfg.port}/v1"
@@ -115,6 +114,19 @@ def run(args: argparse.Namespace) -> int:
     except OSError as e:  # the port is taken, the address is not ours, ...
         raise TDRewardError(f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}") from e
     return 0
+
+
+def model_settings(cfg: ServeConfig, path: Path, alias: str) -> Any:
+    """llama-cpp-python's ModelSettings of the served model."""
+    from llama_cpp.server.settings import ModelSettings
+
+    from tdreward.backends.llamacpp import resolve_gpu_layers, usable_cpus
+
+    threads = cfg.n_threads or max(1, usable_cpus() // 2)
+    return ModelSettings(model=str(path), model_alias=alias, n_ctx=cfg.n_ctx, n_threads=threads,
+                         n_threads_batch=threads,
+                         n_gpu_layers=resolve_gpu_layers(cfg.llamacpp.n_gpu_layers),
+                         logits_all=cfg.logprobs, verbose=cfg.verbose)
 
 
 def default_alias(model: str) -> str:

@@ -19,10 +19,14 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from tdreward.display import fmt_num
+    from tdreward.parallel import WorkerDone
     from tdreward.training.critic_trainer import train_critic
 
     cfg = from_args(CriticTrainingConfig, args)
-    m = train_critic(cfg)
+    try:
+        m = train_critic(cfg)
+    except WorkerDone:  # under accelerate launch: this process's LM features are handed over
+        return 0
     v, u = m["validation"], m["untrained_validation"]
     n_doc, n_tok = m["n_documents"]["validation"], m["n_tokens"]["validation"]
     print(f"held-out: {n_doc} document(s), {n_tok} tokens; best epoch {m['best_epoch']} "

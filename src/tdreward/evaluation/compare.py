@@ -32,7 +32,12 @@ from tdreward.backends.registry import BackendOptions, Generation, backend_for, 
 from tdreward.errors import TDRewardError
 from tdreward.evaluation import stats
 from tdreward.evaluation.compare_config import CompareConfig
-from tdreward.evaluation.gen_cache import GenerationCache, default_cache_dir, model_fingerprint
+from tdreward.evaluation.gen_cache import (
+    GenerationCache,
+    default_cache_dir,
+    model_fingerprint,
+    placement_key,
+)
 from tdreward.io import write_json
 from tdreward.reward_model import TDRewardModel, TextScore, load_reward_model
 from tdreward.specs import DEFAULT_MODELS, parse_spec
@@ -73,6 +78,8 @@ def _backend_options(cfg: CompareConfig) -> BackendOptions:
     return BackendOptions(prompt_format=cfg.prompt_format, batch_size=cfg.batch_size,
                           ollama_host=cfg.ollama_host, pull=cfg.pull,
                           concurrency=cfg.concurrency, timeout=cfg.timeout, retries=cfg.retries,
+                          hardware=cfg.hardware,
+                          n_gpu_layers=cfg.llamacpp.gpu_layers(cfg.hardware.device),
                           extra={"openai_extra_body": cfg.openai_extra_body}
                           | ({"n_threads": cfg.threads} if cfg.threads else {}))
 
@@ -91,6 +98,7 @@ def generate_samples(model: str, prompts: list[str], seeds: list[int], cfg: Comp
         base_key["sampler"] = "tdreward-numpy-1"
     if spec.kind == "openai" and cfg.openai_extra_body:
         base_key["extra_body"] = cfg.openai_extra_body
+    base_key |= placement_key(backend, cfg.hardware, cfg.llamacpp)
     keys = [base_key | {"prompt": p, "seed": s} for p, s in zip(prompts, seeds)]
     gens: list[Generation | None] = [cache.get(k) for k in keys]
     todo = [i for i, g in enumerate(gens) if g is None]
@@ -338,7 +346,8 @@ def comparisons(models: dict[str, dict], n_boot: int = stats.N_BOOT) -> list[dic
 # --------------------------------------------------------------------------- the run
 def load_scorer(cfg: CompareConfig) -> TDRewardModel:
     """The reward model that scores every response: `cfg.reward` on `cfg.base_model`."""
-    return load_reward_model(cfg.base_model, cfg.reward, verbose=cfg.verbose)
+    return load_reward_model(cfg.base_model, cfg.reward, verbose=cfg.verbose,
+                             hardware=cfg.hardware)
 
 
 def load_reference(spec: str, cfg: CompareConfig, warn_untrained: bool = True
@@ -352,7 +361,8 @@ def load_reference(spec: str, cfg: CompareConfig, warn_untrained: bool = True
     from tdreward.backends.model_info import model_dims
     from tdreward.critic_files import read_critic_config
 
-    lm, tok = load_model(spec, verbose=cfg.verbose)
+    place = cfg.hardware.resolve()
+    lm, tok = load_model(spec, verbose=cfg.verbose, hardware=place)
     settings = cfg.reward
     if settings.reward_model_path:
         meta = read_critic_config(Path(settings.reward_model_path))
@@ -366,7 +376,7 @@ def load_reference(spec: str, cfg: CompareConfig, warn_untrained: bool = True
                         spec, *dims)
             settings = dataclasses.replace(settings, reward_model_path=None)
     return load_reward_model(spec, settings, lm=lm, tokenizer=tok, verbose=cfg.verbose,
-                             model_flag="--reference_models",
+                             model_flag="--reference_models", hardware=place,
                              warn_untrained=warn_untrained and not cfg.reward.reward_model_path)
 
 

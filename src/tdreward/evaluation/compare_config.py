@@ -15,6 +15,7 @@ from typing import Any
 
 from tdreward.errors import TDRewardError
 from tdreward.flags import setting
+from tdreward.hardware import HardwareSettings, LlamaCppSettings
 from tdreward.reward_settings import RewardSettings
 from tdreward.specs import DEFAULT_MODEL, DEFAULT_MODELS, parse_spec
 from tdreward.validation import check_choice, check_output_dir, validate
@@ -80,6 +81,12 @@ class GenerationSettings:
     cache_dir: str | None = _generation(None, help="generation cache",
                                     default_help="$TDREWARD_CACHE/generations")
     no_cache: bool = _generation(False, help="neither read nor write the cache")
+    # Where the transformers models (generators and the reward's reference LMs) run, and
+    # llama.cpp's GPU offload.
+    hardware: HardwareSettings = field(default_factory=HardwareSettings,
+                                       metadata={"help": "nested"})
+    llamacpp: LlamaCppSettings = field(default_factory=LlamaCppSettings,
+                                       metadata={"help": "nested"})
 
     def __post_init__(self) -> None:
         validate(self, GENERATION_RULES)

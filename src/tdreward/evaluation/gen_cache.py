@@ -15,6 +15,7 @@ from pathlib import Path
 
 from tdreward.backends.embedded import cache_dir
 from tdreward.backends.registry import Generation
+from tdreward.hardware import CPU_FLOAT32, HardwareSettings, LlamaCppSettings
 from tdreward.io import write_json
 from tdreward.specs import ModelSpec
 
@@ -31,6 +32,21 @@ def _stat(path: Path) -> str:
     except OSError:
         return f"{path}|missing"
     return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def placement_key(backend: str, hardware: HardwareSettings, llamacpp: LlamaCppSettings) -> dict:
+    """Where a sample was computed, for its key: another dtype or device gives other numbers
+    (greedy text too, where two tokens were nearly tied). Empty for the CPU in float32 (or
+    llama.cpp on the CPU), so the caches of earlier versions stay valid."""
+    if backend == "transformers":
+        place = hardware.resolve()
+        return {} if place == CPU_FLOAT32 else {"placement": place.to_dict()}
+    if backend == "llamacpp":
+        from tdreward.backends.llamacpp import resolve_gpu_layers
+
+        layers = resolve_gpu_layers(llamacpp.gpu_layers(hardware.device))
+        return {} if layers == 0 else {"n_gpu_layers": layers}
+    return {}
 
 
 def model_fingerprint(spec: ModelSpec, backend: str, ollama_host: str | None = None) -> str:

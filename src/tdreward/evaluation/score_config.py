@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from tdreward.critic_files import check_state_name
 from tdreward.errors import TDRewardError
 from tdreward.flags import setting
+from tdreward.hardware import HardwareSettings
+from tdreward.parallel import world_size
 from tdreward.reward_settings import RewardSettings
 from tdreward.specs import DEFAULT_MODEL, parse_spec
 from tdreward.validation import check_output_file, validate
@@ -21,13 +23,23 @@ class ScoreConfig:
         f"the critic's base model with --reward_model_path, else {DEFAULT_MODEL}"))
     file: list[str] = setting(default_factory=list, append=True,
                               help="score a file's text (repeatable)")
+    documents: bool = setting(
+        False, help="read each --file as a corpus, one text per document "
+        "(tdreward.data.load_corpus: WikiText articles split at ' = Title = ' headings, a "
+        ".jsonl's records, a .parquet's rows, a folder's files); by default a file is one text")
     reward: RewardSettings = field(default_factory=RewardSettings, metadata={"help": "nested"})
+    hardware: HardwareSettings = field(default_factory=HardwareSettings,
+                                       metadata={"help": "nested"})
     state: str | None = setting(None, help="state model of an untrained critic: belief, csc, "
                                 "hidden", default_help="belief")
     json: str | None = setting(None, help="write the full per-token trace as JSON")
     html: str | None = setting(None, help="write an HTML dopamine trace")
     plot: str | None = setting(None, help="write a PNG of r, V, delta and the belief")
     trace: bool = setting(False, help="print tokens coloured by delta")
+    jsonl: str | None = setting(
+        None, help="stream one JSON object per text to this file (index, name, source, "
+        "document, summary, tokens), written as each batch is scored, so no corpus is too big; "
+        "the one output under `accelerate launch`, which splits the texts across processes")
     batch_size: int = setting(8, help="texts per forward pass")
     max_length: int | None = setting(None, help="context window", default_help="the model's")
     stride: int | None = setting(None, help="sliding-window stride for long texts",
@@ -51,8 +63,24 @@ class ScoreConfig:
         meta = self.reward.check_fits(self.model, "--model")
         self.model = self.model or (meta or {}).get("base_model") or DEFAULT_MODEL
         check_scoring_spec(self.model)
-        for name in ("json", "html", "plot"):
+        check_jsonl_settings(self)
+        for name in ("json", "html", "plot", "jsonl"):
             check_output_file(getattr(self, name), f"--{name}")
+
+
+def check_jsonl_settings(cfg: ScoreConfig) -> None:
+    """--jsonl streams: the outputs that hold every text's trace at once do not go with it,
+    and several processes (accelerate launch) can only write it."""
+    if cfg.documents and not cfg.file:
+        raise TDRewardError("--documents splits the --file corpora into texts: give --file")
+    if cfg.jsonl:
+        held = [f"--{n}" for n in ("json", "html", "plot", "trace") if getattr(cfg, n)]
+        if held:
+            raise TDRewardError(f"--jsonl streams texts one batch at a time and cannot be "
+                                f"combined with {', '.join(held)} (they hold every trace at once)")
+    elif world_size() > 1:
+        raise TDRewardError(f"under accelerate launch ({world_size()} processes) score writes "
+                            "--jsonl OUT only: give --jsonl")
 
 
 def check_scoring_spec(model: str) -> None:

@@ -53,7 +53,7 @@ def reward_model_for(spec: str, rm: TDRewardModel, reward_model_path: str | None
         return rm
     from tdreward.backends.hf import load_model
 
-    lm, tok = load_model(spec)
+    lm, tok = load_model(spec, hardware=rm.placement)  # where and as the reference LM runs
     head = lm.get_output_embeddings()
     same_shape = (rm.trained and reward_model_path
                   and lm.config.hidden_size == rm.critic.hidden_size

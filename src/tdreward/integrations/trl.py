@@ -21,6 +21,7 @@ import torch
 
 from tdreward.data.prompts import format_prompt, has_chat_template
 from tdreward.errors import TDRewardError
+from tdreward.hardware import HardwareSettings
 from tdreward.reward_model import TDRewardModel
 
 
@@ -44,9 +45,11 @@ class TDRewardFunction:
 
     @classmethod
     def from_pretrained(cls, reward_model_path: str | None = None, base_model: str | None = None,
-                        **kwargs) -> TDRewardFunction:
+                        hardware: HardwareSettings | None = None, **kwargs) -> TDRewardFunction:
         """Load the reward model once: a trained critic (its own reference LM unless
-        `base_model` is given) or, without a path, an untrained critic on `base_model`."""
+        `base_model` is given) or, without a path, an untrained critic on `base_model`.
+        `hardware`: where and in what dtype the reference LM loads (None: float32 on the
+        CPU)."""
         from tdreward.reward_model import load_reward_model
         from tdreward.reward_settings import RewardSettings
         from tdreward.specs import DEFAULT_MODEL
@@ -54,7 +57,7 @@ class TDRewardFunction:
         settings = RewardSettings(reward_model_path=reward_model_path)
         meta = settings.check_fits(base_model)  # before any model loads
         spec = base_model or (meta or {}).get("base_model") or DEFAULT_MODEL
-        return cls(load_reward_model(spec, settings), **kwargs)
+        return cls(load_reward_model(spec, settings, hardware=hardware), **kwargs)
 
     # ----------------------------------------------------------------- text handling
     def _prompt_ids(self, prompt) -> list[int]:

@@ -52,6 +52,7 @@ def _ensure_critic(cfg: QuickstartConfig, final: Path) -> tuple[Path, bool]:
     train_critic(CriticTrainingConfig(
         base_model=DEFAULT_MODEL, dataset=str(bundled_data(TRAINING_DATA)),
         max_tokens=cfg.max_tokens, output_dir=str(partial), epochs=cfg.epochs, seed=cfg.seed,
+        hardware=cfg.hardware,
     ), progress=True)
     # The LM-feature cache and the resume checkpoint are only needed while training.
     for sub in ("cache", "checkpoint"):
@@ -69,7 +70,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         models=list(DEFAULT_MODELS), num_samples=cfg.num_samples,
         max_new_tokens=cfg.max_new_tokens, output_dir=cfg.output_dir,
         base_model=DEFAULT_MODEL, reward=RewardSettings(reward_model_path=str(critic)),
-        seed=cfg.seed, cache_dir=cfg.cache_dir, verbose=cfg.verbose,
+        seed=cfg.seed, cache_dir=cfg.cache_dir, verbose=cfg.verbose, hardware=cfg.hardware,
     ))
     results["quickstart"] = {"critic": str(critic), "critic_trained_now": trained_now}
     return results

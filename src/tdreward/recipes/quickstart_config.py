@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tdreward.flags import setting
+from tdreward.hardware import HardwareSettings
 from tdreward.validation import check_output_dir, validate
 
 
@@ -23,6 +24,9 @@ class QuickstartConfig:
     seed: int = setting(0, help="seed of the critic's training and of the samples")
     cache_dir: str | None = setting(None, help="generation cache",
                                     default_help="$TDREWARD_CACHE/generations")
+    # The critic's LM pass and the experiment's scoring (llama.cpp generates the samples).
+    hardware: HardwareSettings = field(default_factory=HardwareSettings,
+                                       metadata={"help": "nested"})
     verbose: bool = False
 
     def __post_init__(self) -> None:

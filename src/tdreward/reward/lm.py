@@ -61,9 +61,9 @@ def _windowed(lm, ids: Tensor, window: int, stride: int, tile_elems: int):
     log_z = torch.zeros(T, device=ids.device)
     for begin, end, n_new in chunk_token_windows(T, window, stride):
         h = forward_hidden(lm, ids[None, begin:end], torch.ones_like(ids[None, begin:end]))
-        h_new = h[0, -n_new:]
+        h_new = h[0, -n_new:].to(ids.device)  # a model spread over devices ends elsewhere
         if hidden is None:
-            hidden = h.new_zeros(T, h.shape[-1])
+            hidden = torch.zeros(T, h.shape[-1], dtype=h.dtype, device=ids.device)
         pos = torch.arange(end - n_new, end, device=ids.device)
         tgt = ids[(pos + 1).clamp(max=T - 1)]
         lp, e, z = next_token_stats(h_new, head, tgt, tile_elems, softcap)
@@ -90,9 +90,10 @@ def extract_features(
     if done is None:
         lengths = attention_mask.sum(1)
         done = torch.zeros(B, T, dtype=torch.bool, device=input_ids.device)
-        done[torch.arange(B), (lengths - 1).clamp(min=0)] = True
+        done[torch.arange(B, device=input_ids.device), (lengths - 1).clamp(min=0)] = True
     if window >= T:
         hidden, logp, ent, log_z = _single_pass(lm, input_ids, attention_mask, tile_elems)
+        hidden = hidden.to(input_ids.device)  # a model spread over devices ends elsewhere
     else:
         stride = stride or window // 2
         rows = []
@@ -115,4 +116,6 @@ def extract_features(
         head, softcap = logits_fn(lm)
         expected_c = expected_association(hidden, head, log_z, input_ids, mask, log_p0, tau, lam,
                                           softcap)
-    return LMFeatures(input_ids, mask, hidden, logp, ent * mask, done, expected_c)
+    # The critic reads float32 whatever the LM's dtype: its LayerNorm, belief filter and TD
+    # sums would round in bfloat16 (log p, entropy and E_p[c] are float32 already).
+    return LMFeatures(input_ids, mask, hidden.float(), logp, ent * mask, done, expected_c)

@@ -52,8 +52,10 @@ def next_token_stats(
         return _stats_by_rows(hidden, lm_head, targets, tile_elems, softcap)
     weight, bias = lm_head.weight, lm_head.bias
     shape = targets.shape
-    h = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
-    y = targets.reshape(-1)
+    # The product runs in the head's own dtype (bfloat16 on a GPU: its fast path); each tile of
+    # logits is cast to float32 before the sums over the vocabulary, which bfloat16 would round.
+    h = hidden.reshape(-1, hidden.shape[-1]).to(device=weight.device, dtype=weight.dtype)
+    y = targets.reshape(-1).to(weight.device)
     n, vocab = h.shape[0], weight.shape[0]
     rows = min(n, 8192)
     cols = min(vocab, max(256, tile_elems // max(rows, 1) // 64 * 64))
@@ -85,13 +87,14 @@ def next_token_stats(
         log_z[a : a + rows] = m + log_s
         logp[a : a + rows] = target - (m + log_s)
         ent[a : a + rows] = log_s - u / s
-    return logp.view(shape), ent.view(shape), log_z.view(shape)
+    # Where the targets are: with a model spread over devices the head may sit elsewhere.
+    return tuple(t.view(shape).to(targets.device) for t in (logp, ent, log_z))
 
 
 def _stats_by_rows(hidden, lm_head, targets, tile_elems, softcap):
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
-    y = targets.reshape(-1)
+    y = targets.reshape(-1).to(h.device)
     vocab = getattr(lm_head, "out_features", None) or lm_head(h[:1]).shape[-1]
     step = max(1, tile_elems // vocab)
     logp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
@@ -105,7 +108,7 @@ def _stats_by_rows(hidden, lm_head, targets, tile_elems, softcap):
         tgt = y[i : i + step].clamp(0, lsm.shape[-1] - 1)
         logp[i : i + step] = lsm.gather(1, tgt[:, None]).squeeze(1)
         ent[i : i + step] = -torch.linalg.vecdot(torch.exp(lsm), lsm)
-    return logp.view(shape), ent.view(shape), log_z.view(shape)
+    return tuple(t.view(shape).to(targets.device) for t in (logp, ent, log_z))
 
 
 def trace_horizon(tau: float, length: int) -> int:
@@ -197,11 +200,14 @@ def expected_association(
     linear = type(lm_head) is torch.nn.Linear
 
     def logits_of(h: Tensor, ids: Tensor) -> Tensor:  # h [P, D], ids [K] -> [P, K]
-        if linear:
-            lg = F.linear(h.to(lm_head.weight.dtype), lm_head.weight[ids],
-                          None if lm_head.bias is None else lm_head.bias[ids]).float()
+        if linear:  # the head's dtype for the product, float32 from the logits on
+            weight = lm_head.weight
+            ids_w = ids.to(weight.device)
+            lg = F.linear(h.to(device=weight.device, dtype=weight.dtype), weight[ids_w],
+                          None if lm_head.bias is None else lm_head.bias[ids_w]).float()
         else:  # a wrapped head computes more than x W^T + b: its whole rows, then the gather
-            lg = lm_head(h).float()[:, ids]
+            lg = lm_head(h).float()[:, ids.to(h.device)]
+        lg = lg.to(out.device)
         return torch.tanh(lg / softcap) * softcap if softcap else lg
 
     for b in range(B):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from tdreward.critic_files import check_state_name
 from tdreward.errors import TDRewardError
 from tdreward.flags import setting
+from tdreward.hardware import HardwareSettings
 from tdreward.reward.config import RewardConfig
 from tdreward.specs import DEFAULT_MODEL
 from tdreward.validation import check_output_dir, validate
@@ -40,6 +41,8 @@ class CriticTrainingConfig:
     lr: float = setting(3e-3, help="learning rate (AdamW)")
     weight_decay: float = setting(1e-4, help="AdamW weight decay")
     reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "nested"})
+    hardware: HardwareSettings = field(default_factory=HardwareSettings,
+                                       metadata={"help": "nested"})
     seed: int = setting(0, help="seed of the initial weights, the validation split and the "
                         "shuffling")
     window: int | None = setting(None, help="the reference LM's reading window in tokens: "

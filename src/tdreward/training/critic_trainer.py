@@ -250,11 +250,15 @@ def train_critic(cfg: CriticTrainingConfig, rm: TDRewardModel | None = None,
     if docs is None:  # read (and check) the corpus before the model loads
         docs = load_corpus(cfg.dataset, cfg.dataset_config, split=cfg.split)
     if rm is None:
-        rm = TDRewardModel.from_base(cfg.base_model, cfg.reward)
+        rm = TDRewardModel.from_base(cfg.base_model, cfg.reward, hardware=cfg.hardware)
     else:
         rm = TDRewardModel.from_lm(rm.lm, rm.tokenizer, cfg.base_model, cfg.reward)
     features_key = feature_cache_key(cfg, rm, docs)
     data = build_feature_cache(cfg, rm, docs, out / "cache", features_key, progress=progress)
+    # Only the LM pass wants the GPU: the small heads learn on the CPU, where the cached
+    # features live (as they read back from disk).
+    data = {k: v.cpu() for k, v in data.items()}
+    rm.critic.cpu()
     if len(data["offsets"]) == 2:  # one document: its tail is held out as a second one
         n = int(data["offsets"][1])
         cut = max(1, min(n - 2, round(n * (1 - cfg.val_fraction))))

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from tdreward.errors import TDRewardError
 from tdreward.flags import setting
+from tdreward.hardware import TrainingHardwareSettings
 from tdreward.reward_settings import RewardSettings
 from tdreward.specs import DEFAULT_MODEL
 from tdreward.validation import check_choice, check_output_dir, validate
@@ -53,11 +54,11 @@ class LoraTrainingConfig:
         None, group=LORA, help="layer names to adapt (space or comma separated)",
         default_help="per architecture: GPT-2 c_attn c_proj c_fc, Llama/Gemma "
         "q,k,v,o,gate,up,down_proj, else all linear")
-    # Quantisation of the frozen base (bitsandbytes): at most one of the two
-    use_8bit: bool = setting(False, help="8-bit base through bitsandbytes", group=LORA)
-    use_4bit: bool = setting(
-        False, help="4-bit base (NF4, double quantisation) through bitsandbytes: QLoRA",
-        group=LORA)
+    # Device, dtype and quantisation of the frozen base (--load_in_4bit, alias --use_4bit, is
+    # QLoRA): the settings every command that loads an LM nests; here bitsandbytes may also
+    # run on the CPU.
+    hardware: TrainingHardwareSettings = field(default_factory=TrainingHardwareSettings,
+                                               metadata={"help": "nested"})
     merge: bool = setting(
         False, help="also write the adapter merged into the fp32 base to OUTPUT_DIR/merged",
         group=LORA)
@@ -90,8 +91,6 @@ class LoraTrainingConfig:
         group=TRAINING)
     logging_steps: int = setting(1, help="log the loss every N optimizer steps", group=TRAINING)
     seed: int = setting(42, help="random seed", group=TRAINING)
-    device: str | None = setting(None, help="cpu or cuda", group=TRAINING,
-                                 default_help="cuda when available")
     progress: bool = setting(True, flag="--no_progress",
                              help="no progress bars (training and the loss probes)",
                              group=TRAINING)
@@ -119,8 +118,11 @@ class LoraTrainingConfig:
         if self.target_modules:  # "--target_modules q_proj,v_proj" as well as "q_proj v_proj"
             self.target_modules = [n.strip() for item in self.target_modules
                                    for n in item.split(",") if n.strip()] or None
-        if self.use_8bit and self.use_4bit:
-            raise TDRewardError("choose one of --use_8bit and --use_4bit")
+        if ":" in self.hardware.device or self.hardware.device_map:
+            raise TDRewardError(
+                "lora trains on the device the trainer picks: choose it with --device "
+                "auto/cpu/cuda/mps (and CUDA_VISIBLE_DEVICES), not --device cuda:N or "
+                "--device_map")
         if self.weighting not in WEIGHTINGS:
             raise TDRewardError(f"--weighting must be one of {', '.join(WEIGHTINGS)}")
         if self.baseline not in BASELINES:

@@ -200,45 +200,30 @@ def resolve_model_dir(spec: str) -> str:
     return str(hf.cached_model_dir(hf.resolve_gguf(s)))  # dequantised once, then reused
 
 
-def _quantization_config(cfg: LoraTrainingConfig, device: str):
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError as e:
-        raise TDRewardError("--use_4bit/--use_8bit need bitsandbytes: pip install "
-                            "'tdreward[quant]'") from e
-    compute = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else (
-        torch.float32)
-    return BitsAndBytesConfig(load_in_4bit=cfg.use_4bit, load_in_8bit=cfg.use_8bit,
-                              bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute)
-
-
 def load_base_model(cfg: LoraTrainingConfig):
-    """(model, tokenizer): fp32, or 8/4-bit through bitsandbytes, ready for LoRA."""
+    """(model, tokenizer) in --dtype on --device (float32 on the CPU), or 8/4-bit through
+    bitsandbytes (computing in that dtype), ready for LoRA."""
     from tdreward.backends.adapters import import_peft
-    from tdreward.backends.hf import load_model, quiet_loading, set_pad
+    from tdreward.backends.hf import load_model, placement_kwargs, quiet_loading, set_pad
 
-    if not (cfg.use_4bit or cfg.use_8bit):
-        model, tok = load_model(cfg.base_model)
-        return model, tok
-    import_peft(quiet_bitsandbytes=not cfg.use_4bit)  # the 4-bit kernel notice only for 4-bit
+    place = cfg.hardware.resolve()
+    if not place.bits:
+        return load_model(cfg.base_model, hardware=place)
+    import_peft(quiet_bitsandbytes=place.bits != 4)  # the 4-bit kernel notice only for 4-bit
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tdreward.data.corpus import env_offline, hub_reachable
 
-    bits = 4 if cfg.use_4bit else 8
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    qcfg = _quantization_config(cfg, device)
+    bits = place.bits
     where = resolve_model_dir(cfg.base_model)
     local = Path(where).is_dir() or env_offline() or not hub_reachable()
     try:
         with quiet_loading():
             tok = AutoTokenizer.from_pretrained(where, local_files_only=local)
-            model = AutoModelForCausalLM.from_pretrained(
-                where, quantization_config=qcfg, dtype=torch.float32, local_files_only=local,
-                device_map={"": 0 if device == "cuda" else device})
+            # The one quantisation config (tdreward.hardware.Placement.quantization_config).
+            model = AutoModelForCausalLM.from_pretrained(where, local_files_only=local,
+                                                         **placement_kwargs(place))
     except OSError as e:  # the files themselves: not cached offline, or not a model
         if local and not Path(where).is_dir():
             raise TDRewardError(
@@ -250,7 +235,7 @@ def load_base_model(cfg: LoraTrainingConfig):
     except Exception as e:  # bitsandbytes / transformers raise many kinds on unsupported setups
         first = first_line(e)
         raise TDRewardError(f"{bits}-bit quantisation cannot run here ({first}); "
-                            "train without --use_4bit/--use_8bit") from e
+                            "train without --load_in_4bit/--load_in_8bit") from e
     set_pad(tok, model)
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=cfg.gradient_checkpointing,
@@ -317,7 +302,8 @@ def training_args(cfg: LoraTrainingConfig, trainer_dir: str):
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=cfg.logging_steps, save_strategy="no", report_to="none", seed=cfg.seed,
-        remove_unused_columns=False, label_names=["labels"], use_cpu=cfg.device == "cpu",
+        remove_unused_columns=False, label_names=["labels"],
+        use_cpu=cfg.hardware.device == "cpu",
         dataloader_pin_memory=False,
         # A progress bar whatever transformers' log level (it hides the bar above WARNING).
         disable_tqdm=not cfg.progress,

@@ -259,7 +259,7 @@ def run_lora(cfg: LoraTrainingConfig) -> dict:
     from tdreward.backends.adapters import import_peft
 
     # First: bitsandbytes' 4-bit kernel notice only when 4-bit is used.
-    import_peft(quiet_bitsandbytes=not cfg.use_4bit)
+    import_peft(quiet_bitsandbytes=not cfg.hardware.load_in_4bit)
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
@@ -305,7 +305,7 @@ def run_lora(cfg: LoraTrainingConfig) -> dict:
         "base_model": cfg.base_model,
         "target_modules": targets,
         "trainable_parameters": n_train,
-        "quantization": {"bits": 4 if cfg.use_4bit else 8 if cfg.use_8bit else None,
+        "quantization": {"bits": cfg.hardware.bits,
                          "quantized_layers": n_quantized},
         "data": {"kind": data.kind, "documents": data.n_documents,
                  "examples": len(data.examples), "target_tokens": data.n_target_tokens},

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 
 from tdreward.errors import TDRewardError
 from tdreward.flags import setting
+from tdreward.hardware import HardwareSettings
 from tdreward.reward_settings import RewardSettings
 from tdreward.specs import DEFAULT_MODEL
 from tdreward.validation import check_choice, check_output_dir, validate
@@ -43,6 +44,9 @@ class PPOConfig:
     # The TD reward: a trained critic (None: untrained heads, warned) and overrides of its
     # alpha, beta, gamma. gamma is also the GAE discount, so the shaping telescopes exactly.
     reward: RewardSettings = field(default_factory=RewardSettings, metadata={"help": "nested"})
+    # --device cpu keeps accelerate off the GPU; --dtype is the policy's and the reference's.
+    hardware: HardwareSettings = field(default_factory=HardwareSettings,
+                                       metadata={"help": "nested"})
     prompts: str | None = setting(None, help="prompt file (.jsonl with a 'prompt' key, or .txt)",
                                   group=DATA)
     dataset: str | None = setting(
@@ -142,6 +146,7 @@ class PPOConfig:
         if self.merge and not self.use_lora:
             raise TDRewardError("--merge needs --use_lora (without LoRA the full model is saved)")
         self.reward.check_fits(self.base_model, "--base_model")  # before the policy loads
+        check_ppo_hardware(self.hardware)
         if not self.prompts and not self.dataset:
             raise TDRewardError("no prompts: pass --prompts FILE or --dataset NAME_OR_PATH")
         check_output_dir(self.output_dir, "--output_dir")
@@ -158,7 +163,19 @@ class PPOConfig:
         d = upgrade_config_dict(saved)
         names = {f.name for f in fields(cls) if f.init}
         d["reward"] = RewardSettings(**d.get("reward", {}))
+        d["hardware"] = HardwareSettings(**d.get("hardware", {}))
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def check_ppo_hardware(hw: HardwareSettings) -> None:
+    """What PPO can do with the hardware settings: accelerate puts one copy of the policy on
+    each process's device, so no device index, no device_map, and no quantised policy."""
+    if hw.bits:
+        raise TDRewardError(f"train does not take {hw.quant_flag}: its policy trains whole or "
+                            "through LoRA in --dtype (QLoRA: tdreward lora --load_in_4bit)")
+    if hw.device_map or ":" in hw.device:
+        raise TDRewardError("train runs each process where accelerate puts it: choose the GPUs "
+                            "with CUDA_VISIBLE_DEVICES, not --device cuda:N or --device_map")
 
 
 # Settings renamed since configs were first saved: old key -> field.
@@ -176,4 +193,4 @@ def upgrade_config_dict(saved: dict) -> dict:
     return d
 
 
-__all__ = ["PPOConfig", "PPO_RULES", "upgrade_config_dict"]
+__all__ = ["PPOConfig", "PPO_RULES", "check_ppo_hardware", "upgrade_config_dict"]

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from tdreward.errors import TDRewardError
+from tdreward.hardware import Placement
 from tdreward.io import write_json
 from tdreward.training import ppo_checkpoint as ckpt
 from tdreward.training.ppo_checkpoint import config_dict, finite_stats, flat_config
@@ -132,7 +133,9 @@ def _accelerator(cfg: PPOConfig):
     # `accelerate launch --multi_gpu` on a machine without GPUs: DDP over CPU processes (gloo).
     # Accelerate only picks that when told cpu=True.
     gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    kw = {"cpu": True} if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not gpu else {}
+    on_cpu = cfg.hardware.device == "cpu" or (int(os.environ.get("WORLD_SIZE", "1")) > 1
+                                              and not gpu)
+    kw = {"cpu": True} if on_cpu else {}
     if cfg.report_to:
         import importlib.util
 
@@ -142,6 +145,16 @@ def _accelerator(cfg: PPOConfig):
                                 f"pip install {pkgs[0]}")
         return Accelerator(log_with=cfg.report_to, project_dir=cfg.output_dir, **kw)
     return Accelerator(**kw)
+
+
+def policy_placement(cfg: PPOConfig) -> Placement:
+    """The policy loads on the CPU in --dtype; accelerate then moves it to each process's
+    device. `auto` is float32 for a policy trained whole (AdamW's small steps vanish in
+    bfloat16 weights) and the device's dtype (bfloat16 on CUDA) under LoRA, whose adapters
+    PEFT keeps in float32."""
+    place = cfg.hardware.resolve()
+    dtype = place.dtype if cfg.use_lora or cfg.hardware.dtype != "auto" else "float32"
+    return Placement("cpu", dtype)
 
 
 def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, lm=None,
@@ -158,7 +171,7 @@ def train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None = None, lm=None,
     if lm is None:
         from tdreward.backends.hf import load_model
 
-        lm, tokenizer = load_model(cfg.base_model)
+        lm, tokenizer = load_model(cfg.base_model, hardware=policy_placement(cfg))
     rows = prompt_rows(cfg, texts, tokenizer)
     hidden = lm.config.hidden_size
     model, ref_lm, ref_context = build_policy(cfg, lm, hidden)
