@@ -4,14 +4,19 @@
         [--critic D ...] [--model SPEC] [--max_docs N] [--skip_docs K] [--docs I ...]
         [--json OUT]
 
-Scores the held-out articles with the reference LM (loaded once, shared by every critic) and
-prints one table, a row per value function V:
+Reads the held-out articles once with the reference LM, as `tdreward score` reads a text (the
+features are shared by every critic: each recomputes E_p[c] under its own p0), and prints one
+table, a row per value function V:
 
 * V = 0 (delta = r);
 * best constant: V = k, k = mean r / (1 - gamma), the constant that minimises mean delta^2
   of delta = r + gamma k - k;
 * rbar alone: V = rbar, the LM's exact one-step expected reward;
 * rbar + best constant: V = rbar + k', k' = mean(r + gamma rbar' - rbar) / (1 - gamma);
+* linear ceiling (EV_MC only): least squares of the returns G_t on rbar_t, moving averages of
+  rbar and of the rewards seen, and log position, fitted on the held-out documents' own
+  returns (tdreward.reward.metrics.linear_value_ceiling): no V linear in those features, however
+  trained, reaches more on these documents;
 * the untrained default: the model's own V and delta without a critic (V = rbar + gamma
   m / (1 - gamma), delta reward-centred);
 * each --critic D, labelled by its state model (belief / csc / hidden) and folder name.
@@ -54,7 +59,9 @@ COLUMNS = (  # (key, header, width, decimals; None: an integer)
 LEGEND = ("msd/V0: mean delta^2 / that of V=0 on the same rewards; d-R2: cross-validated R^2 "
           "of delta on features known at s_t (0 for the true V); Var(r-rbar): the one-step "
           "floor of Var(delta); EV_MC: 1 - mean (G - V)^2 / Var(G), G the discounted return to "
-          "the document end ({n_ev} positions with >= {left} tokens left)")
+          "the document end ({n_ev} positions with >= {left} tokens left); linear ceiling: "
+          "EV_MC of least squares of G on rbar, moving averages of rbar and r and log position, "
+          "fitted on these documents' own returns (the most any V linear in them reaches here)")
 
 
 class BenchError(Exception):
@@ -197,10 +204,54 @@ def loadavg() -> str:
         return "n/a"
 
 
-def score_docs(rm, texts: list[str], batch_size: int) -> list[dict]:
-    from tdreward.reward.metrics import doc_from_score
+def lm_pass(rm, texts: list[str], batch_size: int) -> list[tuple[list[int], object, object]]:
+    """The reference LM read once over the texts, as `TDRewardModel.score` reads them (prefix
+    token, window, stride; only EOS terminal): (text indices, LMFeatures, log Z) per batch.
+    Every critic is then applied to these features: the LM pass is what costs."""
+    from tdreward.reward.lm import context_length, logits_fn
+    from tdreward.reward.terms import next_token_stats
 
-    return [doc_from_score(s) for s in rm.score(texts, batch_size=batch_size)]
+    rows = rm.encode(texts)
+    window = context_length(rm.lm)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    batches = [order[a : a + batch_size] for a in range(0, len(order), batch_size)]
+    head, softcap = logits_fn(rm.lm)
+    passes = []
+    for batch in batches:
+        ids, mask = rm.pad([rows[i] for i in batch])
+        feats = rm.features(ids, mask, rm.terminal_states(ids, mask), max_length=window)
+        targets = torch.cat([feats.input_ids[:, 1:], feats.input_ids[:, :1]], dim=1)
+        with torch.no_grad():  # log Z of every prediction: E_p[c] under another p0 needs it
+            _, _, log_z = next_token_stats(feats.hidden.to(head.weight.dtype), head, targets,
+                                           rm.config.logit_tile_elems, softcap)
+        passes.append((batch, feats, log_z))
+    return passes
+
+
+@torch.no_grad()
+def docs_under(model, passes: list, lm) -> list[dict]:
+    """critic_diagnostics documents of `model`'s critic on the shared LM features: E_p[c_t]
+    recomputed under its own p0, tau and lam, then its r, rbar, V and delta."""
+    from dataclasses import replace
+
+    from tdreward.reward.lm import logits_fn
+    from tdreward.reward.terms import expected_association
+
+    head, softcap = logits_fn(lm)
+    cfg, critic = model.config, model.critic
+    out_docs: dict[int, dict] = {}
+    for batch, feats, log_z in passes:
+        ec = expected_association(feats.hidden.to(head.weight.dtype), head, log_z,
+                                  feats.input_ids, feats.mask, critic.log_p0, cfg.tau, cfg.lam,
+                                  softcap)
+        f = replace(feats, expected_c=ec.float())
+        out = critic(f)
+        for b, i in enumerate(batch):
+            n = int(f.mask[b].sum()) - 1
+            out_docs[i] = {k: v[b, :n].double().cpu() for k, v in (
+                ("r", out["r"]), ("rbar", out["rbar"]), ("V", out["values"]),
+                ("delta", out["delta"]), ("H", f.entropy), ("logp", f.logp), ("c", out["c"]))}
+    return [out_docs[i] for i in sorted(out_docs)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -234,14 +285,20 @@ def run(args: argparse.Namespace) -> int:
           flush=True)
 
     t = time.perf_counter()
-    docs = score_docs(rm, texts, args.batch_size)
-    timing["score_default"] = time.perf_counter() - t
+    passes = lm_pass(rm, texts, args.batch_size)
+    timing["lm_pass"] = time.perf_counter() - t
+    docs = docs_under(rm, passes, rm.lm)
     n_tok = sum(d["r"].shape[0] for d in docs)
-    print(f"scored {len(docs)} documents, {n_tok} tokens, in {timing['score_default']:.1f}s "
-          f"({n_tok / max(timing['score_default'], 1e-9):.0f} tokens/s)", flush=True)
+    print(f"read {len(docs)} documents, {n_tok} tokens, in {timing['lm_pass']:.1f}s "
+          f"({n_tok / max(timing['lm_pass'], 1e-9):.0f} tokens/s); every critic reuses it",
+          flush=True)
 
     t = time.perf_counter()
     rows = [measure(label, vd, gamma) for label, vd in baselines(docs, gamma)]
+    from tdreward.reward.metrics import linear_value_ceiling
+
+    rows.append({"V": "linear ceiling (fit on these G)", "gamma": gamma,
+                 "ev_mc": linear_value_ceiling(docs, gamma)})
     rows.append(measure(f"untrained default ({rm.config.state})", docs, gamma))
     timing["diagnostics"] = time.perf_counter() - t
 
@@ -251,12 +308,9 @@ def run(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         crm = TDRewardModel.from_pretrained(d, base_model=spec, lm=rm.lm,
                                             tokenizer=rm.tokenizer, model_flag="--model")
-        cdocs = score_docs(crm, texts, args.batch_size)
-        timing[f"score {label}"] = time.perf_counter() - t
-        print(f"scored with critic {d} in {timing[f'score {label}']:.1f}s", flush=True)
-        t = time.perf_counter()
+        cdocs = docs_under(crm, passes, rm.lm)
         rows.append(measure(label, cdocs, crm.config.gamma) | {"critic": str(d)})
-        timing["diagnostics"] += time.perf_counter() - t
+        timing[f"critic {label}"] = time.perf_counter() - t
         same_r = all(a["r"].shape == b["r"].shape and torch.allclose(a["r"], b["r"], atol=1e-5)
                      for a, b in zip(docs, cdocs))
         if not same_r or crm.config.gamma != gamma:

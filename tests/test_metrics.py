@@ -15,10 +15,12 @@ import torch
 
 from tdreward.reward.metrics import (
     DIAGNOSTIC_TIMESCALES,
+    MIN_TOKENS_LEFT,
     critic_diagnostics,
     cross_validated_r2,
     discounted_returns_to_end,
     fold_ids,
+    linear_value_ceiling,
     state_features,
 )
 
@@ -266,3 +268,24 @@ def test_state_features_see_only_the_past():
         assert torch.equal(X[: t + 1], Y[: t + 1]), k
         assert not torch.equal(X[t + 1 :], Y[t + 1 :]), k
     assert torch.equal(X[0, 1:6], torch.zeros(5))  # nothing seen at t = 0
+
+
+def test_linear_ceiling_bounds_every_linear_value(mrp_docs, diagnose):
+    """The in-sample least-squares fit is at least as good as any V linear in its features
+    (here a + b rbar, fitted the same way, and the best constant), and here, where rbar names
+    the state, it nearly reaches the true V's EV_MC; on pure-noise rewards it is near 0."""
+    ceiling = linear_value_ceiling(mrp_docs, GAMMA)
+    G = torch.cat([discounted_returns_to_end(d["r"], GAMMA)[:-MIN_TOKENS_LEFT + 1]
+                   for d in mrp_docs])
+    rb = torch.cat([d["rbar"][:-MIN_TOKENS_LEFT + 1] for d in mrp_docs])
+    X = torch.stack([torch.ones_like(rb), rb], dim=1)
+    fit = X @ torch.linalg.lstsq(X, G[:, None]).solution[:, 0]
+    affine_ev = float(1 - ((G - fit) ** 2).mean() / G.var())
+    assert 0.5 < affine_ev <= ceiling + 1e-9
+    assert diagnose("constant")["ev_mc"] <= ceiling
+    assert ceiling >= 0.95 * diagnose("true")["ev_mc"]
+    assert ceiling <= 1.0
+    g = torch.Generator().manual_seed(1)
+    noise = [{"r": torch.randn(2000, generator=g, dtype=torch.float64),
+              "rbar": torch.zeros(2000, dtype=torch.float64)} for _ in range(4)]
+    assert abs(linear_value_ceiling(noise, GAMMA)) < 0.05

@@ -125,6 +125,46 @@ def critic_diagnostics(docs: list[dict[str, Tensor]], gamma: float,
     return out
 
 
+CEILING_TIMESCALES = (30.0, 100.0, 300.0, 1000.0, 3000.0)
+
+
+def slow_value_features(doc: dict[str, Tensor]) -> Tensor:
+    """[n, 12] what a value can know at s_t without the hidden state: 1, rbar_t, moving
+    averages of rbar_0..rbar_t and of r_0..r_{t-1} (CEILING_TIMESCALES; r's without 30),
+    log(t + 1)."""
+    n = doc["r"].shape[0]
+    ok = torch.ones(1, n)
+    ema = lambda x, ts, m=ok: causal_ema(x.float()[None, :, None], m, ts)[0, :, 0]  # noqa: E731
+    r_seen = torch.cat([doc["r"].new_zeros(1), doc["r"][:-1]])
+    seen = ok.clone()
+    seen[0, 0] = 0  # no reward seen yet at t = 0
+    cols = [torch.ones(n), doc["rbar"].float()]
+    cols += [ema(doc["rbar"], ts) for ts in CEILING_TIMESCALES]
+    cols += [ema(r_seen, ts, seen) for ts in CEILING_TIMESCALES[1:]]
+    cols.append(torch.log1p(torch.arange(n, dtype=torch.float32)))
+    return torch.stack(cols, dim=1).double()
+
+
+def linear_value_ceiling(docs: list[dict[str, Tensor]], gamma: float,
+                         min_left: int = MIN_TOKENS_LEFT) -> float:
+    """EV_MC of the least-squares fit of the returns G_t on `slow_value_features`, fitted on
+    these documents' own returns (in-sample): an upper bound on the EV_MC of any V linear in
+    those features, trained however, on these documents. Few features against thousands of
+    positions: the in-sample optimism is small."""
+    X, G = [], []
+    for d in docs:
+        n = d["r"].shape[0]
+        keep = n - torch.arange(n) >= min_left
+        if n >= 2 and bool(keep.any()):
+            X.append(slow_value_features(d)[keep])
+            G.append(discounted_returns_to_end(d["r"], gamma)[keep])
+    if not G or sum(g.numel() for g in G) < 2:
+        return math.nan
+    X, g = torch.cat(X), torch.cat(G)
+    w = torch.linalg.lstsq(X, g[:, None]).solution[:, 0]
+    return float(1 - ((g - X @ w) ** 2).mean() / g.var())
+
+
 def doc_from_score(ts) -> dict[str, Tensor]:
     """A `TextScore` (or its to_dict) as a document of critic_diagnostics."""
     if isinstance(ts, dict):
@@ -136,4 +176,5 @@ def doc_from_score(ts) -> dict[str, Tensor]:
 
 
 __all__ = ["MIN_TOKENS_LEFT", "critic_diagnostics", "cross_validated_r2",
-           "discounted_returns_to_end", "doc_from_score", "fold_ids", "state_features"]
+           "discounted_returns_to_end", "doc_from_score", "fold_ids", "linear_value_ceiling",
+           "slow_value_features", "state_features"]
