@@ -17,7 +17,8 @@ from tdreward.commands.compare import print_results
 from tdreward.commands.score import print_scores, read_texts
 from tdreward.display import fmt_num, fmt_pct, print_table, text_name
 from tdreward.evaluation import stats, trace
-from tdreward.evaluation.compare import comparisons, summarise_model
+from tdreward.evaluation.compare import summarise_model
+from tdreward.evaluation.model_differences import comparisons
 from tdreward.evaluation.report import summary_rows
 from tdreward.reward_model import TextScore
 
@@ -99,7 +100,7 @@ def _with_references(model: dict, by_ref: dict[str, list[float]]) -> dict:
 def test_reference_matrix_pairs_by_prompt_and_seed_not_by_position(capsys) -> None:
     """The second model's samples come in another order: differences and the self-preference
     gap pair each sample with the one of the same prompt and seed."""
-    from tdreward.evaluation.compare import reference_matrix
+    from tdreward.evaluation.model_differences import reference_matrix
     from tdreward.evaluation.report import report_html
 
     rng = np.random.default_rng(3)

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from tdreward.errors import TDRewardError
 from tdreward.evaluation import report
-from tdreward.evaluation.compare import CompareConfig, compare_models, comparisons, load_scorer
+from tdreward.evaluation.compare import CompareConfig, compare_models, load_scorer
 from tdreward.evaluation.compare_config import GenerationSettings
 from tdreward.evaluation.evaluate_config import EvaluateConfig
+from tdreward.evaluation.model_differences import comparisons
 from tdreward.evaluation.selfscore import join_documents, reward_model_for, scoring_spec, self_score
 from tdreward.io import write_json
 

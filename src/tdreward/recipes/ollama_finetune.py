@@ -108,12 +108,8 @@ def _check_architecture(base: BaseModel) -> None:
 
 def _compare(cfg: FinetuneConfig, before: str, after: str, reward_base: str) -> dict:
     """TD reward of both models' responses to the bundled held-out prompts."""
-    from tdreward.evaluation.compare import (
-        CompareConfig,
-        compare_models,
-        comparisons,
-        load_prompt_texts,
-    )
+    from tdreward.evaluation.compare import CompareConfig, compare_models, load_prompt_texts
+    from tdreward.evaluation.model_differences import comparisons
 
     prompts, source = load_prompt_texts(None)
     ccfg = CompareConfig(
