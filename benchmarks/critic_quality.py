@@ -130,8 +130,9 @@ def read_critics(paths: list[str]) -> list[tuple[str, dict]]:
 
 
 def critic_label(path: str, meta: dict) -> str:
+    """The state model and the folder as given (two critics may share a folder name)."""
     state = meta.get("reward_config", {}).get("state", "belief")
-    return f"{state} ({Path(path).resolve().name})"
+    return f"{state} ({path})"
 
 
 def td_over_doc(r: torch.Tensor, V: torch.Tensor, gamma: float) -> torch.Tensor:
