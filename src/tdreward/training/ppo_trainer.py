@@ -136,6 +136,14 @@ def _accelerator(cfg: PPOConfig):
     on_cpu = cfg.hardware.device == "cpu" or (int(os.environ.get("WORLD_SIZE", "1")) > 1
                                               and not gpu)
     kw = {"cpu": True} if on_cpu else {}
+    # `accelerate launch --config_file fsdp.yaml` says so in the environment; with cpu=True
+    # accelerate drops the sharding settings without a word.
+    sharding = [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"),
+                                       ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                if os.environ.get(var, "").lower() in ("1", "true")]
+    if on_cpu and sharding:
+        log.warning("%s was asked for, but on the CPU accelerate runs PPO as plain DDP: "
+                    "nothing is sharded (docs/distributed.md)", sharding[0])
     if cfg.report_to:
         import importlib.util
 
