@@ -143,6 +143,12 @@ CASES = [
     (["lora", "--dataset", WIKI, "--lr", "nan", *OUT], ["--lr", "finite"]),
     (["lora", "--dataset", WIKI, "--reward_model_path", "{OTHERCRITIC}", *OUT],
      ["--base_model", "640"]),
+    # serve-reward
+    (["serve-reward", "--host", "0.0.0.0"], ["--host", "--allow_remote"]),
+    (["serve-reward", "--port", "70000"], ["--port"]),
+    (["serve-reward", "--max_queue", "0"], ["--max_queue"]),
+    (["serve-reward", "--base_model", EMBEDDED, "--reward_model_path", "{OTHERCRITIC}"],
+     ["--base_model", "640"]),
     # export, ollama, quickstart, parser
     (["export", "--model_path", EMBEDDED, "--outfile", "{DIR}"], ["--outfile", "directory"]),
     (["export", "--model_path", EMBEDDED, "--outfile", "x.gguf", "--outtype", "q4"],
