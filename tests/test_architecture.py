@@ -3,7 +3,7 @@ name imported across modules, and every config field is exactly one flag with it
 
 Layers, top to bottom (a module may import its own layer or lower ones):
 cli -> commands -> recipes -> training / evaluation / export / ollama / integrations / neuro
--> reward_model -> reward_settings / critic_files -> reward / backends
+-> reward_model -> reward_settings / critic_files / model_card / hub -> reward / backends
 -> data / specs / errors / validation / flags / io / display / cache_files / version / parallel
    / hardware
 """
@@ -23,7 +23,7 @@ LAYERS = [
     ["recipes"],
     ["training", "evaluation", "export", "ollama", "integrations", "neuro"],
     ["reward_model"],
-    ["reward_settings", "critic_files"],
+    ["reward_settings", "critic_files", "model_card", "hub"],
     ["reward", "backends"],
     ["data", "specs", "errors", "validation", "flags", "io", "display", "cache_files", "version",
      "parallel", "hardware"],

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -19,6 +20,13 @@ log = logging.getLogger("tdreward")
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "critic.safetensors"
 FORMAT = "tdreward-critic"
+# config.json's `model_type`, the key hub tooling reads to tell what a folder holds (critics
+# saved before it existed lack it and still load: only `format` is checked).
+MODEL_TYPE = "tdreward-critic"
+CARD_NAME = "README.md"
+# What a critic on the hub is: the files `from_pretrained` reads, and its card.
+HUB_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # The weights file's header holds the config too: one file, written in one atomic step, that
 # always describes the weights it carries (config.json is its readable copy).
 CONFIG_METADATA_KEY = "tdreward_config"
@@ -83,13 +91,45 @@ def read_critic_config(path: Path) -> dict:
     return meta
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a hub repo id (org/name) and names no local path."""
+    return bool(_HUB_ID.match(name)) and not Path(name).expanduser().exists()
+
+
+def resolve_critic_dir(path: str | os.PathLike) -> Path:
+    """The local folder of a critic: `path` itself, or for a hub id (org/name that is no local
+    path) the folder of its files in the Hugging Face cache, downloaded when the hub answers.
+    Offline and not cached: one line naming the id."""
+    name = str(path)
+    if not is_hub_id(name):
+        return Path(path).expanduser()
+    from huggingface_hub import snapshot_download
+
+    from tdreward.data.corpus import env_offline, hub_reachable
+
+    # The same short reachability check as model loading: offline fails in seconds, not after
+    # huggingface_hub's retries.
+    offline = env_offline() or not hub_reachable()
+    try:
+        return Path(snapshot_download(name, allow_patterns=list(HUB_FILES),
+                                      local_files_only=offline))
+    except Exception as e:  # huggingface_hub raises many kinds (HTTP, cache, validation)
+        if offline:
+            raise TDRewardError(
+                f"reward model {name!r} is not a local folder nor in the Hugging Face cache, and "
+                "the hub cannot be reached (offline): download it where the hub is reachable, "
+                "or pass a critic folder") from e
+        raise TDRewardError(f"cannot download reward model {name!r} from the Hugging Face hub "
+                            f"({first_line(e)})") from e
+
+
 def check_critic_fits(path: str | os.PathLike, spec: str | None, flag: str) -> dict:
     """Read the critic at `path` and fail before any model loads when the model named by `spec`
     (None: the critic's own) cannot carry it: hidden size or vocabulary differ. The error names
     the flag that chose the model. Returns the critic's config."""
     from tdreward.backends.model_info import model_dims
 
-    meta = read_critic_config(Path(path))
+    meta = read_critic_config(resolve_critic_dir(path))
     if spec is None:
         return meta
     dims = model_dims(spec)

@@ -28,6 +28,7 @@ from tdreward.critic_files import (
 )
 from tdreward.errors import TDRewardError, first_line
 from tdreward.hardware import HardwareSettings, Placement, as_placement
+from tdreward.hub import MODEL_TYPE, PushToHubMixin, resolve_critic_dir, save_card
 from tdreward.io import atomic_path, write_json
 from tdreward.reward.config import RewardConfig
 from tdreward.reward.critic import LMFeatures, TDCritic
@@ -67,7 +68,7 @@ class TextScore:
         }
 
 
-class TDRewardModel:
+class TDRewardModel(PushToHubMixin):  # push_to_hub(repo): tdreward.hub
     """Reference LM + base rate p0 + belief-state model + value function (docs/design.md §2)."""
 
     def __init__(self, lm, tokenizer, critic: TDCritic, base_model: str, trained: bool = False):
@@ -123,7 +124,7 @@ class TDRewardModel:
         (lm, tokenizer) reuse an already loaded reference model; otherwise the reference
         loads as `hardware` says (None: float32 on the CPU). `model_flag` is the flag that
         named `base_model`, for error messages."""
-        path = Path(path)
+        path = resolve_critic_dir(path)  # a hub id: its files in the HF cache
         meta = read_critic_config(path)
         if "value_form" not in meta.get("reward_config", {}):
             log.warning(OLD_LAYOUT_NOTE, path)
@@ -168,20 +169,18 @@ class TDRewardModel:
         return model
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """Write critic.safetensors + config.json into `path`.
+        """Write critic.safetensors + config.json (+ a README.md model card) into `path`.
 
         The weights file carries the config in its header: a complete, self-describing critic
-        written in one atomic step (a temporary file of this process, then a rename); config.json
-        follows the same way as its readable copy. A save cut short between the two renames
-        leaves new weights beside the previous config.json: `read_critic_config` uses the copy
-        in the weights and rewrites config.json, so config and weights never disagree when used.
-        (Renaming a whole folder into place is not an option: train-critic's output folder also
-        holds its feature cache, checkpoint and metrics.)"""
+        written in one atomic step (a temporary file, then a rename); config.json and the card
+        follow the same way. A save cut short between renames leaves new weights beside the
+        previous config.json: `read_critic_config` uses the copy in the weights and rewrites
+        config.json. (No folder rename: train-critic's folder also holds caches and metrics.)"""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.critic.state_dict().items()}
         meta = {
-            "format": FORMAT,
+            "format": FORMAT, "model_type": MODEL_TYPE,
             "tdreward_version": __version__,
             "base_model": self.base_model,
             "hidden_size": self.critic.hidden_size,
@@ -195,6 +194,7 @@ class TDRewardModel:
         with atomic_path(path / WEIGHTS_NAME) as tmp:
             save_file(state, str(tmp), metadata={CONFIG_METADATA_KEY: json.dumps(meta)})
         write_json(path / CONFIG_NAME, meta)
+        save_card(path, meta)  # README.md, unless the user wrote one there
 
     # ----------------------------------------------------------------- scoring
     @property

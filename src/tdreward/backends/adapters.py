@@ -20,6 +20,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 # Where our trainers record the model spec the adapter was trained on (PEFT's own
 # base_model_name_or_path is the folder transformers loaded, often a cache path).
 BASE_RECORDS = ("tdreward_lora.json", "ppo_training.json")
+# Adapters written since tdreward lora records its base by spec: PEFT's file names it too.
+SHA_KEY = "base_model_sha256"
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -40,6 +42,34 @@ def adapter_base_model(path: Path) -> str | None:
         if base:
             return str(base)
     return None
+
+
+def adapter_base_sha256(path: Path) -> str | None:
+    """The recorded sha256 of the GGUF the adapter's base was made from, if any."""
+    for name in BASE_RECORDS:
+        try:
+            sha = json.loads((path / name).read_text()).get(SHA_KEY)
+        except (OSError, ValueError):
+            continue
+        if isinstance(sha, str) and len(sha) == 64:
+            return sha
+    return None
+
+
+def loadable_base(path: Path, base: str) -> str:
+    """The spec to load for recorded base `base`: itself, unless it is a gguf: file that is
+    gone (the adapter moved to another machine) and its dequantised copy, found by the
+    recorded sha256, is in this machine's tdreward cache."""
+    from tdreward.backends.embedded import cache_dir
+
+    if not base.startswith("gguf:") or Path(base[5:]).expanduser().is_file():
+        return base
+    sha = adapter_base_sha256(path)
+    cached = cache_dir() / "models" / sha[:24] if sha else None  # hf.cached_model_dir's name
+    if cached is not None and (cached / "config.json").is_file():
+        log.info("%s is gone; loading its dequantised copy %s (same sha256)", base[5:], cached)
+        return str(cached)
+    return base
 
 
 def import_peft(quiet_bitsandbytes: bool = True):
@@ -71,7 +101,7 @@ def load_merged_adapter(path: Path, load_base):
         raise TDRewardError(f"{path} is a LoRA adapter whose base model is not recorded; merge "
                             "it with `tdreward lora --merge` or export with --adapter")
     log.info("%s is a LoRA adapter: loading its base %s and merging it", path, base)
-    model, tok = load_base(base)
+    model, tok = load_base(loadable_base(path, base))
     try:
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
     except (ValueError, RuntimeError, KeyError, OSError) as e:

@@ -14,6 +14,7 @@ from tdreward.flags import setting
 from tdreward.hardware import HardwareSettings
 from tdreward.reward.config import RewardConfig
 from tdreward.specs import DEFAULT_MODEL
+from tdreward.training.tracking import REPORT_TO, check_report_to
 from tdreward.validation import check_output_dir, validate
 from tdreward.version import __version__
 
@@ -59,6 +60,10 @@ class CriticTrainingConfig:
         False, help="treat each corpus document's end as terminal (default: only EOS is)")
     lm_batch_size: int = setting(8, help="documents per reference-LM pass while the features "
                                  "are cached (a document longer than the window is read alone)")
+    report_to: str = setting("none", help="also log the per-epoch held-out diagnostics to: "
+                             f"{', '.join(REPORT_TO)} (TensorBoard under OUTPUT_DIR/runs)")
+    push_to_hub: str | None = setting(None, help="after training, upload the critic, its model "
+                                      "card and metrics to this hub repo (org/name)")
 
     def __post_init__(self) -> None:
         validate(self, CRITIC_RULES)
@@ -67,6 +72,10 @@ class CriticTrainingConfig:
         check_state_name(self.reward.state)
         if self.stride and self.window and self.stride > self.window:
             raise TDRewardError(f"--stride ({self.stride}) must not exceed --window ({self.window})")
+        check_report_to(self.report_to)
+        if self.push_to_hub is not None and self.push_to_hub.count("/") != 1:
+            raise TDRewardError(f"--push_to_hub must be a hub repo id org/name, got "
+                                f"{self.push_to_hub!r}")
         check_output_dir(self.output_dir, "--output_dir")
 
     def cache_key(self) -> dict:

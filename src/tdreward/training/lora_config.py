@@ -10,6 +10,7 @@ from tdreward.flags import setting
 from tdreward.hardware import TrainingHardwareSettings
 from tdreward.reward_settings import RewardSettings
 from tdreward.specs import DEFAULT_MODEL
+from tdreward.training.tracking import REPORT_TO, check_report_to
 from tdreward.validation import check_choice, check_output_dir, validate
 
 # Flag ranges, checked when the config is built (tdreward.validation).
@@ -90,6 +91,9 @@ class LoraTrainingConfig:
         64, help="training examples whose loss is measured before and after (0 skips)",
         group=TRAINING)
     logging_steps: int = setting(1, help="log the loss every N optimizer steps", group=TRAINING)
+    report_to: str = setting("none", group=TRAINING,
+                             help=f"also log the training logs to: {', '.join(REPORT_TO)} "
+                             "(TensorBoard under OUTPUT_DIR/runs)")
     seed: int = setting(42, help="random seed", group=TRAINING)
     progress: bool = setting(True, flag="--no_progress",
                              help="no progress bars (training and the loss probes)",
@@ -128,6 +132,7 @@ class LoraTrainingConfig:
         if self.baseline not in BASELINES:
             raise TDRewardError(f"--baseline must be one of {', '.join(BASELINES)}")
         check_choice("--lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        check_report_to(self.report_to)
         validate(self, LORA_RULES, FLAG_NAMES)
         self.reward.check_fits(self.base_model, "--base_model")  # before the base model loads
         check_output_dir(self.output_dir, "--output_dir")

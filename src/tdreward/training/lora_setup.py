@@ -301,7 +301,10 @@ def training_args(cfg: LoraTrainingConfig, trainer_dir: str):
         lr_scheduler_type=cfg.lr_scheduler, max_grad_norm=cfg.max_grad_norm,
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        logging_steps=cfg.logging_steps, save_strategy="no", report_to="none", seed=cfg.seed,
+        logging_steps=cfg.logging_steps, save_strategy="no", seed=cfg.seed,
+        # TensorBoard gets its own callback (tracking.lora_callbacks): the trainer's folder is
+        # temporary. wandb goes through transformers.
+        report_to="wandb" if cfg.report_to == "wandb" else "none",
         remove_unused_columns=False, label_names=["labels"],
         use_cpu=cfg.hardware.device == "cpu",
         dataloader_pin_memory=False,

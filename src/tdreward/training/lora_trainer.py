@@ -42,6 +42,7 @@ from tdreward.errors import TDRewardError
 from tdreward.io import write_json
 from tdreward.reward_model import TDRewardModel
 from tdreward.training.lora_config import BASELINES, WEIGHTINGS, LoraTrainingConfig
+from tdreward.training.lora_records import base_record, set_adapter_base, write_adapter_card
 from tdreward.training.lora_setup import (
     IGNORE,
     ListDataset,
@@ -56,6 +57,7 @@ from tdreward.training.lora_setup import (
     resolve_target_modules,
     training_args,
 )
+from tdreward.training.tracking import lora_callbacks
 
 __all__ = [
     "LoraTrainingConfig", "TDRewardTrainer", "td_weights", "run_lora", "merge_adapter",
@@ -238,12 +240,13 @@ def _base_lm(model):
 
 
 # --------------------------------------------------------------------------- the run
-def _save_adapter(model, tokenizer, out: Path) -> None:
-    """adapter_config.json + adapter_model.safetensors (+ tokenizer) into `out`, each file
-    renamed into place from a temporary folder beside it."""
+def _save_adapter(model, tokenizer, out: Path, base: dict) -> None:
+    """adapter_config.json (naming the base spec `base`) + adapter_model.safetensors
+    (+ tokenizer) into `out`, each file renamed into place from a temporary folder beside it."""
     tmp = Path(tempfile.mkdtemp(prefix=f".adapter-{owner_tag()}.", dir=out))
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
+        set_adapter_base(tmp, base)
         tokenizer.save_pretrained(str(tmp))
         for f in sorted(tmp.iterdir()):
             if f.is_file():
@@ -285,6 +288,7 @@ def run_lora(cfg: LoraTrainingConfig) -> dict:
     try:
         trainer = TDRewardTrainer(
             model=model, args=training_args(cfg, trainer_dir),
+            callbacks=lora_callbacks(cfg.report_to, out),
             train_dataset=ListDataset(data.examples),
             data_collator=PadCollator(tok.pad_token_id), processing_class=tok,
             reward_model=rm, weighting=cfg.weighting, temperature=cfg.temperature,
@@ -296,13 +300,14 @@ def run_lora(cfg: LoraTrainingConfig) -> dict:
         result = trainer.train()
         wall = time.perf_counter() - start
         after = trainer.dataset_losses(probe, desc="loss after") if probe else {}
-        _save_adapter(model, tok, out)
+        base = base_record(cfg.base_model)
+        _save_adapter(model, tok, out, base)
     finally:
         shutil.rmtree(trainer_dir, ignore_errors=True)
     steps = [h for h in trainer.state.log_history if "loss" in h]
     metrics = {
         "config": dataclasses.asdict(cfg),
-        "base_model": cfg.base_model,
+        **base,  # the spec as named (and a GGUF's sha256), not the cache folder loaded
         "target_modules": targets,
         "trainable_parameters": n_train,
         "quantization": {"bits": cfg.hardware.bits,
@@ -321,6 +326,7 @@ def run_lora(cfg: LoraTrainingConfig) -> dict:
     gc.collect()
     if cfg.merge:
         metrics["merged_dir"] = str(merge_adapter(out, out / "merged", cfg.base_model))
+    write_adapter_card(out, base, metrics)
     write_json(out / META_NAME, metrics)
     return metrics
 
@@ -361,8 +367,9 @@ def merge_adapter(adapter_dir: str | os.PathLike, output_dir: str | os.PathLike 
     try:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
-        write_json(tmp / "tdreward_merged.json",
-                   {"base_model": spec, "adapter": str(adapter_dir.resolve())})
+        base = base_record(spec)
+        write_json(tmp / "tdreward_merged.json", base | {"adapter": str(adapter_dir.resolve())})
+        write_adapter_card(tmp, base, merged=True)
         for f in tmp.iterdir():
             os.chmod(f, 0o644)
         if out.exists():
