@@ -23,7 +23,14 @@ log = logging.getLogger("tdreward")
 
 
 def load_scorer(cfg: ScoreConfig, warn_untrained: bool = True) -> TDRewardModel:
-    """The reward model `cfg` names (a trained critic, else untrained heads)."""
+    """The reward model `cfg` names (a trained critic, else untrained heads); for an
+    openai:URL#MODEL spec the server-side scorer (tdreward.evaluation.server_score), which
+    scores like one."""
+    if cfg.model and cfg.model.startswith("openai:"):
+        from tdreward.evaluation.server_score import ServerScorer
+        from tdreward.reward.config import RewardConfig
+
+        return ServerScorer(cfg.model, RewardConfig(**cfg.reward.overrides()))  # type: ignore[return-value]
     return load_reward_model(cfg.model, cfg.reward, state=cfg.state, verbose=cfg.verbose,
                              model_flag="--model", warn_untrained=warn_untrained,
                              hardware=cfg.hardware)

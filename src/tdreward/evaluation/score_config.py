@@ -60,9 +60,11 @@ class ScoreConfig:
                 raise TDRewardError("--state cannot change the state model of a trained critic")
         # The critic's own reference LM unless --model names another; a model whose
         # dimensions do not fit the critic fails here, before it is loaded.
+        if self.model:  # a server is refused with a critic before the critic is read
+            check_scoring_spec(self.model, self.reward.reward_model_path, servers=True)
         meta = self.reward.check_fits(self.model, "--model")
         self.model = self.model or (meta or {}).get("base_model") or DEFAULT_MODEL
-        check_scoring_spec(self.model)
+        check_scoring_spec(self.model, self.reward.reward_model_path, servers=True)
         check_jsonl_settings(self)
         for name in ("json", "html", "plot", "jsonl"):
             check_output_file(getattr(self, name), f"--{name}")
@@ -83,10 +85,22 @@ def check_jsonl_settings(cfg: ScoreConfig) -> None:
                             "--jsonl OUT only: give --jsonl")
 
 
-def check_scoring_spec(model: str) -> None:
+def check_scoring_spec(model: str, reward_model_path: str | None = None,
+                       servers: bool = False) -> None:
+    """Refuse a spec that cannot score text. With `servers` (tdreward score), an
+    openai:URL#MODEL server scores from its prompt log-probs (evaluation/server_score.py),
+    but not with a trained critic: that needs the LM's hidden states, which no server sends."""
     spec = parse_spec(model)
+    if servers and spec.kind == "openai":
+        if reward_model_path:
+            raise TDRewardError(f"--reward_model_path cannot score through the server {model!r}: "
+                                "a trained critic reads the LM's hidden states, which servers do "
+                                "not return; use a local model spec")
+        return
     if not spec.can_score or spec.kind == "llamacpp":
         raise TDRewardError(
-            f"{model!r} cannot score text here: use a hub id, a directory, gguf:PATH or "
-            "embedded:NAME (servers do not return log-probs of a given text)"
+            f"{model!r} cannot score text here: use a hub id, a directory, gguf:PATH, "
+            "embedded:NAME" + (" or openai:URL#MODEL (a server that returns prompt log-probs)"
+                               if servers else " (servers do not return log-probs of a given "
+                               "text)")
         )
